@@ -1,0 +1,132 @@
+"""``tunelab`` command line: parse, call the library, print. No logic lives here."""
+
+import argparse
+import logging
+import sys
+
+from tunelab.errors import TunelabError
+
+TRAIN_HELP = """usage: tunelab train [KEY=VALUE | GROUP=OPTION ...] [--cfg job] [--debug]
+
+Train with Hydra overrides over the shipped config tree, e.g.
+
+  tunelab train method=lm_finetune/fullfinetune_sft modelpool=CausalLMPool/smollm2-135m \\
+      data.path=train.jsonl data.format=prompt_completion \\
+      data.prompt_field=question data.completion_field=answer \\
+      taskpool=heldout-loss data.val_fraction=0.1 output_dir=runs/gsm8k method.max_epochs=1
+
+Options:
+  --cfg job     print the resolved config and exit without training
+  --debug       show tracebacks and debug logs
+
+Config groups (GROUP=OPTION):
+{groups}
+
+Top-level keys: output_dir, overwrite, seed, gradient_checkpointing, log_every_n_steps, progress_bar
+Data keys (data.KEY=...):
+{data_keys}
+Method, model pool, task pool and fabric keys: see the YAML of each option under
+{config_dir}, or print them with --cfg job.
+"""
+
+
+def _train_help() -> str:
+    import dataclasses
+
+    from tunelab.config import CONFIG_DIR, DataConfig, list_groups
+
+    groups = "\n".join(f"  {g:<10} {', '.join(opts)}" for g, opts in list_groups().items())
+    data_keys = "\n".join(f"  {f.name}" for f in dataclasses.fields(DataConfig))
+    return TRAIN_HELP.format(groups=groups, data_keys=data_keys, config_dir=CONFIG_DIR)
+
+
+def _split_flags(argv: list[str]) -> tuple[list[str], dict]:
+    flags = {"cfg": None, "debug": False, "help": False}
+    overrides = []
+    args = iter(argv)
+    for arg in args:
+        if arg in ("-h", "--help"):
+            flags["help"] = True
+        elif arg == "--debug":
+            flags["debug"] = True
+        elif arg in ("--cfg", "-c"):
+            flags["cfg"] = next(args, "job")
+        elif arg.startswith("--cfg="):
+            flags["cfg"] = arg.split("=", 1)[1]
+        elif arg.startswith("-"):
+            raise TunelabError(f"Unknown flag '{arg}'. tunelab train takes KEY=VALUE overrides, --cfg job, --debug and --help.")
+        else:
+            overrides.append(arg)
+    return overrides, flags
+
+
+def cmd_train(argv: list[str]) -> int:
+    overrides, flags = _split_flags(argv)
+    if flags["help"]:
+        print(_train_help())
+        return 0
+    from omegaconf import OmegaConf
+
+    from tunelab.config import compose_config, validate_config
+
+    cfg = compose_config(overrides)
+    if flags["cfg"]:
+        validate_config(cfg)
+        print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+        return 0
+    from tunelab.engine import train
+
+    result = train(cfg)
+    print(f"\nFinished {result.state.global_step} steps in {result.train_seconds:.0f} s "
+          f"({result.tokens_per_s:.0f} tokens/s, {result.supervised_tokens_per_s:.0f} supervised tokens/s)")
+    if result.evaluations:
+        first, last = min(result.evaluations), max(result.evaluations)
+        for key in result.evaluations[last]:
+            print(f"  {key}: {result.evaluations[first].get(key, float('nan')):.4f} (step {first}) -> "
+                  f"{result.evaluations[last][key]:.4f} (step {last})")
+    print(f"  checkpoint: {result.final_checkpoint}")
+    print(f"  metrics:    {result.metrics_csv}")
+    if result.loss_curve:
+        print(f"  loss curve: {result.loss_curve}")
+    return 0
+
+
+def cmd_demo(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="tunelab demo", description="Fine-tune SmolLM2-135M on shipped GSM8K problems.")
+    parser.add_argument("--output-dir", default="runs/demo")
+    parser.add_argument("--quick", action="store_true", help="a tiny random model and a few steps (seconds; for tests)")
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+    from tunelab.demo import run_demo
+
+    report = run_demo(args.output_dir, quick=args.quick)
+    print(report.render())
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: tunelab {train,demo} ...\n\n  train   fine-tune a model (tunelab train --help)\n  demo    fine-tune SmolLM2-135M on GSM8K problems shipped with tunelab")
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    debug = "--debug" in argv
+    from tunelab.progress import setup_logging
+
+    setup_logging(debug)
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except TunelabError as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        logging.getLogger("tunelab").warning("Interrupted; the last checkpoint written is intact.")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,15 @@
+from tunelab.config.compose import CONFIG_DIR, compose_config, list_groups
+from tunelab.config.instantiate import instantiate, replace_placeholder
+from tunelab.config.schema import DataConfig, RunConfig
+from tunelab.config.validate import validate_config
+
+__all__ = [
+    "CONFIG_DIR",
+    "DataConfig",
+    "RunConfig",
+    "compose_config",
+    "instantiate",
+    "list_groups",
+    "replace_placeholder",
+    "validate_config",
+]

@@ -1,0 +1,67 @@
+"""Compose the shipped Hydra config tree with command-line overrides."""
+
+import difflib
+import re
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from tunelab.errors import TunelabError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+GROUPS = ("method", "modelpool", "data", "taskpool", "fabric")
+
+
+def list_groups() -> dict[str, list[str]]:
+    """Config group name -> the options shipped for it (``lm_finetune/fullfinetune_sft``...)."""
+    groups = {}
+    for group in GROUPS:
+        root = CONFIG_DIR / group
+        groups[group] = sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+    return groups
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """Compose ``configs/config.yaml`` with Hydra overrides (``key=value``, ``group=option``)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            cfg = compose(config_name="config", overrides=list(overrides))
+    except Exception as err:
+        raise _explain(err, overrides) from None
+    OmegaConf.set_struct(cfg, False)
+    return cfg
+
+
+def _explain(err: Exception, overrides: list[str]) -> TunelabError:
+    message = str(err)
+    missing = re.search(r"Could not override '([^']+)'", message)
+    if missing:
+        key = missing.group(1)
+        parent, _, leaf = key.rpartition(".")
+        others = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") == key]
+        valid: list[str] = []
+        try:
+            base = compose_config(others)
+            node = OmegaConf.select(base, parent) if parent else base
+            if isinstance(node, DictConfig):
+                valid = [str(k) for k in node.keys()]
+        except TunelabError:
+            pass
+        close = difflib.get_close_matches(leaf, valid, n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(f'{parent}.{c}' if parent else c) for c in close)}?" if close else ""
+        listing = f" Valid keys under '{parent or '<root>'}': {', '.join(sorted(valid))}." if valid else ""
+        return TunelabError(
+            f"Unknown config key '{key}' on the command line.{hint}{listing} "
+            "Fix the spelling; `tunelab train ... --cfg job` prints the whole config."
+        )
+    if "Could not find" in message or "Could not load" in message:
+        groups = list_groups()
+        return TunelabError(
+            f"{message.splitlines()[0]} Shipped options: "
+            + "; ".join(f"{g}: {', '.join(opts)}" for g, opts in groups.items())
+        )
+    return TunelabError(f"Invalid command-line override: {message.splitlines()[0]}")

@@ -1,0 +1,67 @@
+"""Typed schema of a run's config.
+
+The nodes that have a ``_target_`` (method, modelpool, taskpool, fabric, optimizer, ...) are
+checked against the signature of what they build; the rest of the tree is described here.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+DataFormat = Literal["alpaca", "sharegpt", "openai", "prompt_completion", "text"]
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None
+    """Training file: JSON lines, a JSON array, Parquet or CSV."""
+    format: DataFormat = "prompt_completion"
+    """How a record becomes a conversation or a text."""
+    prompt_field: str = "prompt"
+    """prompt_completion: the field holding the prompt."""
+    completion_field: str = "completion"
+    """prompt_completion: the field holding the supervised answer."""
+    messages_field: Optional[str] = None
+    """sharegpt / openai: the field holding the turns (default conversations / messages)."""
+    text_field: str = "text"
+    """text: the field holding raw text (a .txt file is read as one record per paragraph)."""
+    system_prompt: Optional[str] = None
+    """A system message put before every conversation that has none."""
+    max_samples: Optional[int] = None
+    """Take only the first N records of the file."""
+    shuffle: bool = True
+    """Shuffle the training examples every epoch (seeded by data.seed and the epoch)."""
+    seed: int = 42
+    """Seed of the shuffle and of the validation split."""
+    overlong: Literal["truncate", "drop"] = "truncate"
+    """What to do with an example longer than method.max_length."""
+    val_fraction: float = 0.0
+    """Hold out this fraction of the records (after max_samples) as the validation split."""
+    val_path: Optional[str] = None
+    """A separate validation file, in the same format (overrides val_fraction)."""
+    max_val_samples: Optional[int] = None
+    """Cap the validation split at N examples."""
+    num_proc: int = 1
+    """Processes for tokenization."""
+    cache_dir: Optional[str] = None
+    """Where tokenized data is cached (default: $TUNELAB_CACHE/datasets)."""
+
+
+@dataclass
+class RunConfig:
+    method: Any = None
+    modelpool: Any = None
+    taskpool: Any = None
+    fabric: Any = None
+    data: DataConfig = field(default_factory=DataConfig)
+    output_dir: str = "runs/default"
+    """Where checkpoints, metrics and plots go."""
+    overwrite: bool = False
+    """Allow writing into an output_dir that already holds another run."""
+    seed: int = 42
+    """Seed of model init, dropout and everything else random in the run."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% more compute."""
+    log_every_n_steps: int = 1
+    """Write metrics every N optimizer steps."""
+    progress_bar: bool = True
+    """Show a progress bar on rank 0."""

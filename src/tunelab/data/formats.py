@@ -1,0 +1,99 @@
+"""Record -> a conversation (a list of {role, content} messages) or a raw text.
+
+Every format ends as one of those two shapes, so one tokenizer path renders them all.
+"""
+
+from typing import Any
+
+from tunelab.config.schema import DataConfig
+from tunelab.data.readers import Record
+from tunelab.errors import TunelabError
+
+_SHAREGPT_ROLES = {
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bot": "assistant", "model": "assistant",
+    "system": "system",
+}  # fmt: skip
+_OPENAI_ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
+
+
+def _fail(record: Record, message: str) -> TunelabError:
+    return TunelabError(f"Data {record.where}: {message}")
+
+
+def _field(record: Record, name: str, option: str, kind: type = str, optional: bool = False) -> Any:
+    if name not in record.fields or record.fields[name] is None:
+        if optional:
+            return None
+        present = ", ".join(sorted(record.fields)) or "none"
+        raise _fail(
+            record,
+            f"the record has no field '{name}' ({option}). Its fields are: {present}. "
+            f"Set {option}=FIELD to the right name, or choose another data.format.",
+        )
+    value = record.fields[name]
+    if not isinstance(value, kind):
+        raise _fail(record, f"field '{name}' must be a {kind.__name__}, got {type(value).__name__}.")
+    return value
+
+
+def _with_system(messages: list[dict], system: str | None) -> list[dict]:
+    if system and not (messages and messages[0]["role"] == "system"):
+        return [{"role": "system", "content": system}] + messages
+    return messages
+
+
+def _alpaca(record: Record, cfg: DataConfig) -> list[dict]:
+    instruction = _field(record, "instruction", "the alpaca field 'instruction'")
+    extra = _field(record, "input", "the alpaca field 'input'", optional=True)
+    output = _field(record, "output", "the alpaca field 'output'")
+    messages = []
+    for turn in _field(record, "history", "the alpaca field 'history'", kind=list, optional=True) or []:
+        if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+            raise _fail(record, "every item of 'history' must be a [question, answer] pair of strings.")
+        messages += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
+    prompt = f"{instruction}\n\n{extra}" if extra else instruction
+    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+    return _with_system(messages, _field(record, "system", "the alpaca field 'system'", optional=True) or cfg.system_prompt)
+
+
+def _turns(record: Record, cfg: DataConfig, default_field: str, role_key: str, text_key: str, roles: dict) -> list[dict]:
+    field = cfg.messages_field or default_field
+    turns = _field(record, field, "data.messages_field", kind=list)
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
+            raise _fail(record, f"{field}[{i}] must be an object with '{role_key}' and '{text_key}'.")
+        role = roles.get(str(turn[role_key]).lower())
+        if role is None:
+            raise _fail(
+                record,
+                f"{field}[{i}] has {role_key}={turn[role_key]!r}; expected one of {', '.join(sorted(roles))}.",
+            )
+        if not isinstance(turn[text_key], str):
+            raise _fail(record, f"{field}[{i}].{text_key} must be a string.")
+        messages.append({"role": role, "content": turn[text_key]})
+    return _with_system(messages, cfg.system_prompt)
+
+
+def _prompt_completion(record: Record, cfg: DataConfig) -> list[dict]:
+    prompt = _field(record, cfg.prompt_field, "data.prompt_field")
+    completion = _field(record, cfg.completion_field, "data.completion_field")
+    return _with_system([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], cfg.system_prompt)
+
+
+def to_example(record: Record, cfg: DataConfig) -> dict:
+    """``{"messages": [...]}`` for chat formats, ``{"text": ...}`` for the text format."""
+    if cfg.format == "text":
+        return {"text": _field(record, cfg.text_field, "data.text_field")}
+    if cfg.format == "alpaca":
+        return {"messages": _alpaca(record, cfg)}
+    if cfg.format == "sharegpt":
+        return {"messages": _turns(record, cfg, "conversations", "from", "value", _SHAREGPT_ROLES)}
+    if cfg.format == "openai":
+        return {"messages": _turns(record, cfg, "messages", "role", "content", _OPENAI_ROLES)}
+    if cfg.format == "prompt_completion":
+        return {"messages": _prompt_completion(record, cfg)}
+    raise TunelabError(
+        f"data.format={cfg.format!r} is not a known format: use alpaca, sharegpt, openai, prompt_completion or text."
+    )

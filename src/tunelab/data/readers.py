@@ -1,0 +1,90 @@
+"""Raw file -> records. Each record keeps where it came from, for error messages."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import TunelabError
+
+
+@dataclass
+class Record:
+    fields: dict[str, Any]
+    where: str  # "train.jsonl line 12", "data.json item 3", "data.csv row 5"
+
+
+def read_records(path: Path, text_field: str = "text") -> list[Record]:
+    """Read JSON lines, a JSON array, Parquet, CSV or plain text (one record per blank-line
+    separated paragraph) into records."""
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return _read_jsonl(path)
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix in (".parquet", ".csv"):
+        return _read_tabular(path, suffix[1:])
+    if suffix in (".txt", ".md"):
+        paragraphs = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n")]
+        return [Record({text_field: p}, f"{path.name} paragraph {i + 1}") for i, p in enumerate(paragraphs) if p]
+    raise TunelabError(
+        f"Data file '{path}' has the extension '{suffix}', which tunelab does not read. "
+        "Use .jsonl, .json, .parquet, .csv or .txt."
+    )
+
+
+def _read_jsonl(path: Path) -> list[Record]:
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise TunelabError(
+                    f"Data file '{path}' line {number} is not valid JSON ({err.msg} at column {err.colno}). "
+                    "Each line of a .jsonl file must be one complete JSON object; fix or delete that line."
+                ) from None
+            if not isinstance(value, dict):
+                raise TunelabError(
+                    f"Data file '{path}' line {number} is a JSON {type(value).__name__}, not an object. "
+                    "Each line must be an object such as {\"prompt\": ..., \"completion\": ...}."
+                )
+            records.append(Record(value, f"{path.name} line {number}"))
+    return records
+
+
+def _read_json(path: Path) -> list[Record]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise TunelabError(
+            f"Data file '{path}' is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}). "
+            "A .json file must hold one JSON array of objects; use .jsonl for one object per line."
+        ) from None
+    if isinstance(value, dict):
+        # {"data": [...]} and similar single-key wrappers
+        lists = [v for v in value.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise TunelabError(f"Data file '{path}' holds a JSON object; it must hold an array of records.")
+        value = lists[0]
+    if not isinstance(value, list):
+        raise TunelabError(f"Data file '{path}' must hold a JSON array of records.")
+    records = []
+    for index, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise TunelabError(f"Data file '{path}' item {index} is not a JSON object; every item must be one.")
+        records.append(Record(item, f"{path.name} item {index}"))
+    return records
+
+
+def _read_tabular(path: Path, kind: str) -> list[Record]:
+    import datasets
+
+    try:
+        table = datasets.Dataset.from_parquet(str(path)) if kind == "parquet" else datasets.Dataset.from_csv(str(path))
+    except Exception as err:
+        raise TunelabError(f"Data file '{path}' could not be read as {kind.upper()}: {err}") from None
+    offset = 2 if kind == "csv" else 0  # CSV rows count from the header line
+    return [Record(row, f"{path.name} row {i + offset}") for i, row in enumerate(table)]

@@ -1,0 +1,5 @@
+from tunelab.engine.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from tunelab.engine.options import TrainingOptions
+from tunelab.engine.trainer import RunResult, fit, train
+
+__all__ = ["RunResult", "TrainState", "TrainingOptions", "fit", "load_checkpoint", "save_checkpoint", "train"]

@@ -1,0 +1,59 @@
+"""Metrics: a CSV file (rewritten atomically) beside Fabric's TensorBoard logger, and the
+loss-curve plot made from the CSV at the end of a run."""
+
+import csv
+import io
+from pathlib import Path
+
+from tunelab.engine.checkpoint import atomic_write_text
+
+
+class MetricsCSV:
+    """One row per logged step; columns grow as new metrics appear. On resume, rows after the
+    resumed step are dropped so the file reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = path
+        self.rows: dict[int, dict] = {}
+        if resume_step is not None and path.exists():
+            with path.open() as f:
+                for row in csv.DictReader(f):
+                    step = int(row["step"])
+                    if step <= resume_step:
+                        self.rows[step] = {k: v for k, v in row.items() if v != ""}
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.rows.setdefault(step, {"step": step}).update(metrics)
+        columns = ["step"] + sorted({k for row in self.rows.values() for k in row} - {"step"})
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        for step_key in sorted(self.rows):
+            writer.writerow(self.rows[step_key])
+        atomic_write_text(self.path, buffer.getvalue())
+
+
+def plot_loss_curve(csv_path: Path, png_path: Path) -> Path | None:
+    """Training loss per step and, where logged, held-out loss; returns the PNG's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with csv_path.open() as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("train/loss", "training loss"), ("val/loss", "held-out loss")):
+        points = [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+        if points:
+            ax.plot(*zip(*points), marker="o" if key == "val/loss" else None, markersize=4, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats per supervised token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path

@@ -1,0 +1,289 @@
+"""The engine: one Lightning Fabric loop that runs every method the same way.
+
+``train(cfg)`` builds the parts of a run (fabric, model pool, method, data, task pool) and calls
+``fit``, the loop itself: step, accumulate, clip, schedule, log, evaluate, checkpoint.
+"""
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from tunelab.config import DataConfig, instantiate, replace_placeholder, validate_config
+from tunelab.data import ResumableSampler
+from tunelab.engine.checkpoint import TrainState, atomic_write_text, load_checkpoint, resolve_checkpoint, save_checkpoint
+from tunelab.engine.metrics import MetricsCSV, plot_loss_curve
+from tunelab.errors import TunelabError
+from tunelab.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    final_checkpoint: Path
+    metrics_csv: Path
+    loss_curve: Path | None
+    state: TrainState
+    evaluations: dict[int, dict] = field(default_factory=dict)  # step -> task pool metrics
+    data_report: dict = field(default_factory=dict)
+    tokens_per_s: float = 0.0
+    supervised_tokens_per_s: float = 0.0
+    train_seconds: float = 0.0
+
+
+@dataclass
+class Run:
+    """Everything ``fit`` needs, built by ``train``."""
+
+    fabric: object
+    method: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    loader: DataLoader
+    sampler: ResumableSampler
+    val_loader: DataLoader | None
+    taskpool: object
+    tokenizer: object
+    output_dir: Path
+    config_yaml: str
+    metrics: MetricsCSV | None
+    log_every_n_steps: int
+    show_progress: bool
+
+
+def _prepare_output_dir(cfg: DictConfig, resuming_from: Path | None) -> Path:
+    out = Path(cfg.output_dir)
+    marker = out / "run.json"
+    if marker.exists() and not cfg.overwrite:
+        inside = resuming_from is not None and out.resolve() in resuming_from.resolve().parents
+        if not inside:
+            started = json.loads(marker.read_text()).get("started", "an earlier time")
+            raise TunelabError(
+                f"output_dir '{out}' already holds a run (started {started}). Choose another "
+                "output_dir, resume it with method.ckpt_path=" + str(out / "checkpoints") +
+                ", or pass overwrite=true to replace it."
+            )
+    elif marker.exists() and cfg.overwrite:
+        for name in ("checkpoints", "tensorboard", "metrics.csv", "loss_curve.png", "summary.json"):
+            path = out / name
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return out
+
+
+def _loader(dataset, method, tokenizer, sampler=None, batch_size=None) -> DataLoader:
+    kwargs = dict(method.dataloader_kwargs)
+    if batch_size is not None:
+        kwargs["batch_size"] = batch_size
+    kwargs["pin_memory"] = kwargs.get("pin_memory", False) and torch.cuda.is_available()
+    return DataLoader(dataset, sampler=sampler, collate_fn=method.collate_fn(tokenizer), **kwargs)
+
+
+def train(cfg: DictConfig) -> RunResult:
+    """Run a training job described by a composed config."""
+    validate_config(cfg)
+    data_cfg = DataConfig(**OmegaConf.to_container(cfg.data, resolve=True))
+    method = instantiate(cfg.method)
+    method.check()
+    resuming_from = resolve_checkpoint(method.ckpt_path) if method.ckpt_path else None
+    out = _prepare_output_dir(cfg, resuming_from)
+
+    from lightning.fabric.loggers import TensorBoardLogger
+
+    fabric = instantiate(cfg.fabric, loggers=[TensorBoardLogger(root_dir=str(out), name="tensorboard", version="")])
+    fabric.launch()
+    fabric.seed_everything(cfg.seed, verbose=False)
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    if fabric.is_global_zero:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", config_yaml)
+        if resuming_from is None or not (out / "run.json").exists():
+            atomic_write_text(out / "run.json", json.dumps({"started": time.strftime("%Y-%m-%d %H:%M:%S")}))
+
+    pool = instantiate(cfg.modelpool)
+    tokenizer = pool.load_tokenizer()
+    with fabric.rank_zero_first():
+        train_set, val_set, report = method.build_data(data_cfg, tokenizer)
+    taskpool = instantiate(cfg.taskpool)
+    if getattr(taskpool, "needs_validation", False) and val_set is None:
+        raise TunelabError(
+            "The task pool evaluates on a validation split but there is none: set data.val_fraction=0.1 "
+            "or data.val_path=FILE, or use taskpool=dummy."
+        )
+
+    model = method.prepare_model(pool.load_model(vocab_size=len(tokenizer)))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("Parameters: %s trainable of %s (%.1f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+    sampler = ResumableSampler(len(train_set), data_cfg.shuffle, data_cfg.seed, fabric.global_rank, fabric.world_size)
+    loader = _loader(train_set, method, tokenizer, sampler)
+    val_loader = None
+    if val_set is not None:
+        val_sampler = ResumableSampler(len(val_set), False, 0, fabric.global_rank, fabric.world_size)
+        val_loader = _loader(val_set, method, tokenizer, val_sampler, getattr(taskpool, "batch_size", None))
+    batches_per_epoch = len(loader)
+
+    optimizer = instantiate(method.optimizer, params=[p for p in model.parameters() if p.requires_grad])
+    model, optimizer = fabric.setup(model, optimizer)
+    scheduler = None
+    if method.lr_scheduler:
+        scheduler_cfg = replace_placeholder(method.lr_scheduler, "_T_max_", method.scheduler_steps(batches_per_epoch))
+        scheduler = instantiate(scheduler_cfg, optimizer=optimizer)
+    loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False, move_to_device=True)
+    if val_loader is not None:
+        val_loader = fabric.setup_dataloaders(val_loader, use_distributed_sampler=False)
+
+    state = TrainState()
+    if resuming_from is not None:
+        state = load_checkpoint(fabric, str(resuming_from), model=model, optimizer=optimizer, scheduler=scheduler)
+        log.info("Resumed from %s at step %d (epoch %d)", resuming_from, state.global_step, state.epoch)
+    metrics = MetricsCSV(out / "metrics.csv", resume_step=state.global_step if resuming_from else None) if fabric.is_global_zero else None
+    run = Run(
+        fabric, method, model, optimizer, scheduler, loader, sampler, val_loader, taskpool, tokenizer,
+        out, config_yaml, metrics, cfg.log_every_n_steps, cfg.progress_bar and fabric.is_global_zero,
+    )  # fmt: skip
+    result = fit(run, state, batches_per_epoch)
+    result.data_report = report.as_dict()
+    if fabric.is_global_zero:
+        result.loss_curve = plot_loss_curve(out / "metrics.csv", out / "loss_curve.png") if result.metrics_csv.exists() else None
+        summary = {
+            "final_checkpoint": str(result.final_checkpoint), "global_step": state.global_step,
+            "epochs": state.epoch, "train_seconds": result.train_seconds, "tokens_per_s": result.tokens_per_s,
+            "supervised_tokens_per_s": result.supervised_tokens_per_s, "data": result.data_report,
+            "evaluations": {str(k): v for k, v in result.evaluations.items()},
+            "trainable_parameters": trainable, "total_parameters": total,
+        }  # fmt: skip
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return result
+
+
+def _grad_norm(parameters) -> torch.Tensor:
+    norms = [p.grad.detach().float().norm() for p in parameters if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.tensor(0.0)
+
+
+def fit(run: Run, state: TrainState, batches_per_epoch: int) -> RunResult:
+    """The training loop. Reads top to bottom: one optimizer step per iteration."""
+    fabric, method, model, optimizer = run.fabric, run.method, run.model, run.optimizer
+    total_steps = method.total_steps(batches_per_epoch)
+    steps_per_epoch = method.steps_per_epoch(batches_per_epoch)
+    batch_size = int(method.dataloader_kwargs.get("batch_size", 1))
+    result = RunResult(run.output_dir, Path(), run.output_dir / "metrics.csv", None, state)
+    checkpoints = run.output_dir / "checkpoints"
+    last_saved_step = -1
+
+    def checkpoint() -> Path:
+        nonlocal last_saved_step
+        folder = save_checkpoint(
+            fabric, checkpoints / f"step-{state.global_step:06d}", model=model, optimizer=optimizer,
+            scheduler=run.scheduler, state=state, options=method, tokenizer=run.tokenizer, config_yaml=run.config_yaml,
+        )  # fmt: skip
+        last_saved_step = state.global_step
+        return folder
+
+    def evaluate() -> None:
+        scores = run.taskpool.evaluate(fabric, model, method, run.val_loader)
+        if scores:
+            result.evaluations[state.global_step] = scores
+            fabric.log_dict(scores, step=state.global_step)
+            if run.metrics is not None:
+                run.metrics.log(scores, state.global_step)
+            log.info("step %d: %s", state.global_step, ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+
+    if run.taskpool.at_start and state.global_step == 0:
+        evaluate()
+    bar = progress_bar(total_steps, initial=state.global_step, enabled=run.show_progress, desc="Training")
+    tokens_seen = supervised_seen = 0
+    train_seconds = 0.0
+    model.train()
+    while state.global_step < total_steps:
+        step_in_epoch = math.ceil(state.batches_in_epoch / method.accumulate_grad_batches)
+        run.sampler.set_epoch(state.epoch, start=state.batches_in_epoch * batch_size)
+        batches = iter(run.loader)
+        exhausted = False
+        while state.global_step < total_steps and step_in_epoch < steps_per_epoch:
+            started = time.perf_counter()
+            micro_batches = list(islice(batches, method.accumulate_grad_batches))
+            if not micro_batches:
+                exhausted = True
+                break
+            # Weight every supervised token equally across micro-batches and ranks, so k
+            # accumulated micro-batches give the gradient of one batch holding them all.
+            units = fabric.all_reduce(
+                torch.tensor(float(sum(method.loss_units(b) for b in micro_batches)), device=fabric.device), reduce_op="sum"
+            ).item()
+            loss_total = torch.zeros((), device=fabric.device)
+            for i, batch in enumerate(micro_batches):
+                with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
+                    loss_sum, _ = method.loss(model, batch)
+                    # DDP averages gradients over ranks; scale back to a sum over all units.
+                    fabric.backward(loss_sum * fabric.world_size / max(units, 1))
+                loss_total += loss_sum.detach()
+            loss = fabric.all_reduce(loss_total, reduce_op="sum").item() / max(units, 1)
+            if not math.isfinite(loss):
+                where = f"the last good checkpoint is {checkpoints / (checkpoints / 'latest').read_text().strip()}" if (checkpoints / "latest").exists() else "no checkpoint had been written yet"
+                raise TunelabError(
+                    f"The training loss became {loss} at step {state.global_step + 1} (epoch {state.epoch}); the run "
+                    f"stopped before applying that update, and {where}. Lower method.optimizer.lr, set "
+                    "method.gradient_clip_val=1.0, or check the data for broken examples."
+                )
+            if method.gradient_clip_val is not None:
+                if method.gradient_clip_algorithm == "norm":
+                    fabric.clip_gradients(model, optimizer, max_norm=method.gradient_clip_val)
+                else:
+                    fabric.clip_gradients(model, optimizer, clip_val=method.gradient_clip_val)
+            grad_norm = _grad_norm(p for p in model.parameters() if p.requires_grad).item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.global_step += 1
+            state.batches_in_epoch += len(micro_batches)
+            step_in_epoch += 1
+            if run.scheduler is not None and method.lr_scheduler_interval == "step" and state.global_step % method.lr_scheduler_frequency == 0:
+                run.scheduler.step()
+
+            counts = torch.tensor([float(sum(int(b["attention_mask"].sum()) for b in micro_batches)), units], device=fabric.device)
+            tokens, supervised = fabric.all_reduce(counts, reduce_op="sum").tolist()[0], units
+            elapsed = time.perf_counter() - started
+            tokens_seen, supervised_seen, train_seconds = tokens_seen + tokens, supervised_seen + supervised, train_seconds + elapsed
+            if state.global_step % run.log_every_n_steps == 0 or state.global_step == total_steps:
+                values = {
+                    "train/loss": loss, "train/lr": optimizer.param_groups[0]["lr"], "train/grad_norm": grad_norm,
+                    "train/tokens_per_s": tokens / elapsed, "train/supervised_tokens_per_s": supervised / elapsed,
+                    "train/epoch": state.epoch,
+                }  # fmt: skip
+                fabric.log_dict(values, step=state.global_step)
+                if run.metrics is not None:
+                    run.metrics.log(values, state.global_step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_seen / train_seconds:.0f}")
+            if run.taskpool.every_n_steps and state.global_step % run.taskpool.every_n_steps == 0 and state.global_step < total_steps:
+                evaluate()
+            if method.checkpoint_save_interval == "step" and state.global_step % method.checkpoint_save_frequency == 0:
+                result.final_checkpoint = checkpoint()
+        if exhausted or step_in_epoch >= steps_per_epoch:
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            if run.scheduler is not None and method.lr_scheduler_interval == "epoch" and state.epoch % method.lr_scheduler_frequency == 0:
+                run.scheduler.step()
+            if method.checkpoint_save_interval == "epoch" and state.epoch % method.checkpoint_save_frequency == 0:
+                result.final_checkpoint = checkpoint()
+    bar.close()
+    evaluate()
+    if last_saved_step != state.global_step:
+        result.final_checkpoint = checkpoint()
+    result.train_seconds = train_seconds
+    result.tokens_per_s = tokens_seen / train_seconds if train_seconds else 0.0
+    result.supervised_tokens_per_s = supervised_seen / train_seconds if train_seconds else 0.0
+    return result

@@ -1,0 +1,3 @@
+from tunelab.evaluation.taskpool import DummyTaskPool, HeldoutLossTaskPool
+
+__all__ = ["DummyTaskPool", "HeldoutLossTaskPool"]

@@ -1,0 +1,3 @@
+from tunelab.models.pool import CausalLMPool
+
+__all__ = ["CausalLMPool"]

@@ -1,0 +1,158 @@
+"""Model pools: where a run's model and tokenizer come from.
+
+A model loads from a local Hugging Face folder, from a GGUF file (dequantized once and cached as
+safetensors, since dequantizing takes seconds every time) or from a bare config (random init).
+"""
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+
+from tunelab.errors import TunelabError
+from tunelab.resources import cache_dir, resolve_path
+
+log = logging.getLogger(__name__)
+
+DTypeName = Literal["float32", "bfloat16", "float16", "auto"]
+
+
+def _dtype(name: str) -> Any:
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def _gguf_cache(gguf: Path, part: str) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir("gguf", f"{gguf.stem}-{key}", part)
+
+
+def _convert_once(target: Path, convert) -> Path:
+    """Run ``convert(tmp_dir)`` unless ``target`` exists; publish it with an atomic rename."""
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        convert(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        if not target.exists():  # a concurrent process that won the race is fine
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def gguf_tokenizer_dir(gguf: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    def convert(tmp: Path) -> None:
+        log.info("Converting the tokenizer of %s (once; cached in %s)", gguf.name, tmp.parent)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+
+    return _convert_once(_gguf_cache(gguf, "tokenizer"), convert)
+
+
+def gguf_model_dir(gguf: Path) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    def convert(tmp: Path) -> None:
+        log.info("Dequantizing %s to safetensors (once; cached in %s)", gguf.name, tmp.parent)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model.save_pretrained(tmp, safe_serialization=True)
+
+    return _convert_once(_gguf_cache(gguf, "model"), convert)
+
+
+class CausalLMPool:
+    """A causal language model and its tokenizer.
+
+    Args:
+        model_path: a Hugging Face model folder, a ``.gguf`` file, or ``pkg://package/file``;
+            null to build a randomly initialised model from ``config``.
+        tokenizer_path: where the tokenizer comes from (default: ``model_path``).
+        config: architecture options for random init (``model_type`` plus its config fields).
+        dtype: float32, bfloat16, float16 or auto (as stored).
+        attn_implementation: passed to transformers (sdpa, eager, flash_attention_2).
+    """
+
+    auto_class = "AutoModelForCausalLM"
+
+    def __init__(
+        self,
+        model_path: Optional[str] = None,
+        tokenizer_path: Optional[str] = None,
+        config: Optional[dict] = None,
+        dtype: DTypeName = "float32",
+        attn_implementation: Optional[str] = "sdpa",
+    ):
+        if model_path is None and config is None:
+            raise TunelabError(
+                "modelpool needs modelpool.model_path (a model folder or .gguf file) "
+                "or modelpool.config (an architecture for random init)."
+            )
+        if model_path is None and tokenizer_path is None:
+            raise TunelabError("modelpool.config builds a model from scratch: set modelpool.tokenizer_path too.")
+        self.model_path = model_path
+        self.tokenizer_path = tokenizer_path or model_path
+        self.config = dict(config or {})
+        self.dtype = dtype
+        self.attn_implementation = attn_implementation
+
+    def _hf_dir(self, path: str, what: str, part: str) -> Path:
+        resolved = resolve_path(path, what)
+        if resolved.is_file():
+            if resolved.suffix != ".gguf":
+                raise TunelabError(
+                    f"{what} '{path}' is a file but not a .gguf file. Give a Hugging Face model "
+                    "folder (with config.json) or a GGUF file."
+                )
+            return gguf_tokenizer_dir(resolved) if part == "tokenizer" else gguf_model_dir(resolved)
+        if part == "model" and not (resolved / "config.json").exists():
+            raise TunelabError(
+                f"{what} '{path}' is a folder without config.json, so it is not a Hugging Face "
+                "model folder. Point it at the folder that save_pretrained wrote, or at a .gguf file."
+            )
+        return resolved
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self._hf_dir(self.tokenizer_path, "modelpool.tokenizer_path", "tokenizer"))
+        if tokenizer.pad_token is None:
+            # Padding is masked out of the loss by position, never by token id, so reusing EOS
+            # as the pad token cannot hide the end-of-answer token from training.
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+
+    def _auto_class(self):
+        import transformers
+
+        return getattr(transformers, self.auto_class)
+
+    def load_model(self, vocab_size: Optional[int] = None):
+        """Load (or randomly initialise) the model; ``vocab_size`` sizes a model built from config."""
+        kwargs = {"dtype": _dtype(self.dtype)}
+        if self.attn_implementation:
+            kwargs["attn_implementation"] = self.attn_implementation
+        if self.model_path is None:
+            from transformers import AutoConfig
+
+            options = dict(self.config)
+            model_type = options.pop("model_type", "llama")
+            if vocab_size is not None:
+                options.setdefault("vocab_size", vocab_size)
+            config = AutoConfig.for_model(model_type, **options)
+            self.configure(config)
+            return self._auto_class().from_config(config, **kwargs)
+        folder = self._hf_dir(self.model_path, "modelpool.model_path", "model")
+        return self._auto_class().from_pretrained(folder, **kwargs)
+
+    def configure(self, config) -> None:
+        """Hook for pools that adjust a freshly built config (e.g. number of labels)."""

@@ -1,0 +1,3 @@
+from tunelab.optim.lr_scheduler import CosineDecayWithWarmup
+
+__all__ = ["CosineDecayWithWarmup"]

@@ -1,0 +1,21 @@
+"""The one place library code reports progress (a tqdm bar on stderr) and sets up logging."""
+
+import logging
+import sys
+
+from tqdm.auto import tqdm
+
+
+def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str = ""):
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True, file=sys.stderr)
+
+
+def setup_logging(debug: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s" if debug else "[tunelab] %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("lightning", "lightning.fabric", "datasets", "transformers", "urllib3", "matplotlib", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
