@@ -1,5 +1,5 @@
 from tunelab.data.collate import PadCollator, pad_collate
-from tunelab.data.dataset import DataReport, build_datasets
+from tunelab.data.dataset import DataReport, build_datasets, load_examples
 from tunelab.data.formats import to_example
 from tunelab.data.readers import Record, read_records
 from tunelab.data.sampler import ResumableSampler
@@ -12,6 +12,7 @@ __all__ = [
     "Record",
     "ResumableSampler",
     "build_datasets",
+    "load_examples",
     "pad_collate",
     "read_records",
     "render",

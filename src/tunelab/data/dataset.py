@@ -5,6 +5,7 @@ import json
 import logging
 import random
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import datasets
 
@@ -57,7 +58,7 @@ def _tokenize(examples: list[dict], tokenizer, max_length: int, cfg: DataConfig,
     key = hashlib.sha1(
         json.dumps([examples, max_length, cfg.overlong, _tokenizer_signature(tokenizer)]).encode()
     ).hexdigest()
-    folder = cache_dir("datasets") if cfg.cache_dir is None else resolve_path(cfg.cache_dir, "data.cache_dir")
+    folder = cache_dir("datasets") if cfg.cache_dir is None else Path(cfg.cache_dir).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     raw = datasets.Dataset.from_list(examples)
     tokenized = raw.map(
@@ -83,8 +84,8 @@ def _tokenize(examples: list[dict], tokenizer, max_length: int, cfg: DataConfig,
     return tokenized
 
 
-def build_datasets(cfg: DataConfig, tokenizer, max_length: int) -> tuple[datasets.Dataset, datasets.Dataset | None, DataReport]:
-    """Read, format, split and tokenize; raise if nothing is left to train on."""
+def load_examples(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
+    """Read, format and split the records: (training examples, validation examples)."""
     if not cfg.path:
         raise TunelabError(
             "No training data: set data.path=FILE (JSON lines, JSON array, Parquet, CSV or text) "
@@ -101,13 +102,17 @@ def build_datasets(cfg: DataConfig, tokenizer, max_length: int) -> tuple[dataset
             raise TunelabError(f"data.val_fraction={cfg.val_fraction} must be between 0 and 1.")
         order = list(range(len(examples)))
         random.Random(cfg.seed).shuffle(order)
-        n_val = max(1, round(len(examples) * cfg.val_fraction))
-        held = set(order[:n_val])
+        held = set(order[: max(1, round(len(examples) * cfg.val_fraction))])
         val_examples = [e for i, e in enumerate(examples) if i in held]
         examples = [e for i, e in enumerate(examples) if i not in held]
     if cfg.max_val_samples is not None:
         val_examples = val_examples[: cfg.max_val_samples]
+    return examples, val_examples
 
+
+def build_datasets(cfg: DataConfig, tokenizer, max_length: int) -> tuple[datasets.Dataset, datasets.Dataset | None, DataReport]:
+    """Read, format, split and tokenize; raise if nothing is left to train on."""
+    examples, val_examples = load_examples(cfg)
     report = DataReport()
     train = _tokenize(examples, tokenizer, max_length, cfg, report.train)
     val = _tokenize(val_examples, tokenizer, max_length, cfg, report.val) if val_examples else None

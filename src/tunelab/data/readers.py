@@ -80,11 +80,16 @@ def _read_json(path: Path) -> list[Record]:
 
 
 def _read_tabular(path: Path, kind: str) -> list[Record]:
+    if kind == "csv":
+        import csv
+
+        # Every cell stays a string: type guessing would turn an answer such as "4" into an int.
+        with path.open(newline="", encoding="utf-8") as f:
+            return [Record(dict(row), f"{path.name} row {i + 2}") for i, row in enumerate(csv.DictReader(f))]
     import datasets
 
     try:
-        table = datasets.Dataset.from_parquet(str(path)) if kind == "parquet" else datasets.Dataset.from_csv(str(path))
+        table = datasets.Dataset.from_parquet(str(path))
     except Exception as err:
-        raise TunelabError(f"Data file '{path}' could not be read as {kind.upper()}: {err}") from None
-    offset = 2 if kind == "csv" else 0  # CSV rows count from the header line
-    return [Record(row, f"{path.name} row {i + offset}") for i, row in enumerate(table)]
+        raise TunelabError(f"Data file '{path}' could not be read as Parquet: {err}") from None
+    return [Record(row, f"{path.name} row {i}") for i, row in enumerate(table)]

@@ -15,7 +15,9 @@ class ResumableSampler(Sampler[int]):
         self.epoch = 0
         self.start = 0  # samples of this rank's share already consumed in this epoch
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
+    # Not named set_epoch: Fabric's dataloader calls set_epoch(number of iter() calls) on any
+    # sampler that has one, which would reset the resume position.
+    def set_position(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
     def _order(self) -> list[int]:

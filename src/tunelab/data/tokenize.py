@@ -14,7 +14,7 @@ IGNORE_INDEX = -100
 # For tokenizers without a chat template (base models): plain role prefixes, EOS ends each reply.
 FALLBACK_CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
-    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
 
@@ -33,8 +33,12 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
         upto = render(tokenizer, messages[: i + 1])
+        if i == 0:  # templates cannot render an empty prefix: find the reply inside its own turn
+            reply_end = upto.rfind(message["content"]) + len(message["content"]) if message["content"] else len(upto)
+            before = upto[: reply_end - len(message["content"])]
+        else:
+            before = render(tokenizer, messages[:i], add_generation_prompt=True)
         if not (text.startswith(before) and text.startswith(upto)):
             raise TunelabError(
                 "The tokenizer's chat template renders a conversation differently from its own "

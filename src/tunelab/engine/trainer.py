@@ -211,7 +211,7 @@ def fit(run: Run, state: TrainState, batches_per_epoch: int) -> RunResult:
     model.train()
     while state.global_step < total_steps:
         step_in_epoch = math.ceil(state.batches_in_epoch / method.accumulate_grad_batches)
-        run.sampler.set_epoch(state.epoch, start=state.batches_in_epoch * batch_size)
+        run.sampler.set_position(state.epoch, start=state.batches_in_epoch * batch_size)
         batches = iter(run.loader)
         exhausted = False
         while state.global_step < total_steps and step_in_epoch < steps_per_epoch:

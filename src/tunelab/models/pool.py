@@ -64,7 +64,15 @@ def gguf_model_dir(gguf: Path) -> Path:
 
     def convert(tmp: Path) -> None:
         log.info("Dequantizing %s to safetensors (once; cached in %s)", gguf.name, tmp.parent)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are dequantized in memory, but transformers still marks the model as
+        # GGUF-quantized and refuses to save it: rebuild a plain model around the same tensors.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        model.generation_config = loaded.generation_config
         model.save_pretrained(tmp, safe_serialization=True)
 
     return _convert_once(_gguf_cache(gguf, "model"), convert)

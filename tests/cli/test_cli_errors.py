@@ -1,0 +1,177 @@
+"""``tunelab`` command line, in-process: help, --cfg job, and one-paragraph errors."""
+
+import json
+
+import pytest
+
+from tunelab.cli.main import main
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _assert_clean_error(err: str) -> str:
+    """A user error: one 'error:' paragraph on stderr, no traceback."""
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    assert "\n\n" not in err.strip(), err  # one paragraph
+    return lines[0]
+
+
+def test_top_level_usage(capsys):
+    code, out, _ = _run(capsys)
+    assert code == 0
+    assert "train" in out and "demo" in out
+    code, _, _ = _run(capsys, "frobnicate")
+    assert code == 2
+
+
+def test_train_help_lists_groups_and_options(capsys):
+    code, out, _ = _run(capsys, "train", "--help")
+    assert code == 0
+    for text in (
+        "method",
+        "modelpool",
+        "taskpool",
+        "lm_finetune/fullfinetune_sft",
+        "fullfinetune_sft",
+        "CausalLMPool/tiny-llama",
+        "tiny-llama",
+        "smollm2-135m",
+        "heldout-loss",
+        "gsm8k-demo",
+        "--cfg job",
+        "completion_field",  # the data keys are listed
+        "val_fraction",
+    ):
+        assert text in out, text
+
+
+def test_cfg_job_prints_resolved_yaml_without_training(capsys, tmp_path):
+    out_dir = tmp_path / "run"
+    code, out, err = _run(
+        capsys, "train", "method.optimizer.lr=3e-4", f"output_dir={out_dir}", "data.path=nowhere.jsonl", "--cfg", "job"
+    )
+    assert code == 0, err
+    assert "max_lr: 0.0003" in out
+    assert "lr: 0.0003" in out
+    assert "${" not in out  # interpolations are resolved
+    assert "T_max: _T_max_" in out
+    assert f"output_dir: {out_dir}" in out
+    assert not out_dir.exists()  # nothing ran
+    assert "Finished" not in out
+
+
+def test_cfg_job_still_validates(capsys):
+    code, out, err = _run(capsys, "train", "method.max_epochs=abc", "--cfg", "job")
+    assert code == 1
+    line = _assert_clean_error(err)
+    assert "method.max_epochs" in line
+    assert out == ""
+
+
+def test_unknown_key_is_a_one_paragraph_error(capsys):
+    code, out, err = _run(capsys, "train", "method.lrr=1", "--cfg", "job")
+    assert code == 1
+    line = _assert_clean_error(err)
+    assert "'method.lrr'" in line
+    assert "lr_scheduler" in line
+    assert "Finished" not in out
+
+
+def test_unknown_key_without_cfg_flag(capsys, tmp_path):
+    code, _, err = _run(capsys, "train", "method.optimizer.lrr=1", f"output_dir={tmp_path / 'x'}")
+    assert code == 1
+    line = _assert_clean_error(err)
+    assert "'method.optimizer.lrr'" in line
+    assert "'method.optimizer.lr'" in line
+    assert not (tmp_path / "x").exists()
+
+
+def test_unknown_flag(capsys):
+    code, _, err = _run(capsys, "train", "--frobnicate")
+    assert code == 1
+    assert "--frobnicate" in _assert_clean_error(err)
+
+
+def test_debug_shows_the_exception():
+    from tunelab.errors import TunelabError
+
+    with pytest.raises(TunelabError, match="method.lrr"):
+        main(["train", "method.lrr=1", "--debug"])
+
+
+def test_missing_data_file_names_the_path(capsys, tmp_path):
+    missing = tmp_path / "missing" / "train.jsonl"
+    code, out, err = _run(
+        capsys,
+        "train",
+        "modelpool=CausalLMPool/tiny-llama",
+        "fabric=cpu",
+        f"output_dir={tmp_path / 'x'}",
+        f"data.path={missing}",
+        "progress_bar=false",
+    )
+    assert code == 1
+    line = _assert_clean_error(err)
+    assert str(missing) in line
+    assert "data.path" in line
+    assert "Finished" not in out
+
+
+def test_missing_model_path_names_it(capsys, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n", encoding="utf-8")
+    code, _, err = _run(
+        capsys,
+        "train",
+        "modelpool.model_path=/nonexistent",
+        "fabric=cpu",
+        f"output_dir={tmp_path / 'x'}",
+        f"data.path={data}",
+        "progress_bar=false",
+    )
+    assert code == 1
+    line = _assert_clean_error(err)
+    assert "'/nonexistent'" in line
+    assert "does not exist" in line
+
+
+def test_both_limits_minus_one(capsys, tmp_path):
+    code, _, err = _run(
+        capsys,
+        "train",
+        "method.max_epochs=-1",
+        "method.max_steps=-1",
+        "fabric=cpu",
+        f"output_dir={tmp_path / 'x'}",
+        "data.path=whatever.jsonl",
+    )
+    assert code == 1
+    line = _assert_clean_error(err)
+    assert "method.max_epochs" in line and "method.max_steps" in line
+    assert "both -1" in line
+    assert not (tmp_path / "x").exists()  # refused before anything was written
+
+
+def test_heldout_loss_without_validation_split(capsys, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n", encoding="utf-8")
+    code, _, err = _run(
+        capsys,
+        "train",
+        "modelpool=CausalLMPool/tiny-llama",
+        "taskpool=heldout-loss",
+        "fabric=cpu",
+        f"output_dir={tmp_path / 'x'}",
+        f"data.path={data}",
+        f"data.cache_dir={tmp_path}",
+        "progress_bar=false",
+    )
+    assert code == 1
+    line = _assert_clean_error(err)
+    assert "data.val_fraction" in line and "taskpool=dummy" in line

