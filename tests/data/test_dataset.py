@@ -248,3 +248,11 @@ def test_sampler_two_ranks_partition_the_indices():
     single = ResumableSampler(21, shuffle=True, seed=9)
     single.set_position(1)
     assert set(shares[0]) | set(shares[1]) <= set(single)
+
+
+def test_tokenizing_with_two_processes_gives_the_same_examples(tmp_path, tokenizer):
+    path = _jsonl(tmp_path / "train.jsonl", _qa(150))
+    one, _, _ = build_datasets(_cfg(tmp_path / "a", path), tokenizer, max_length=256)
+    two, _, report = build_datasets(_cfg(tmp_path / "b", path, num_proc=2), tokenizer, max_length=256)
+    assert report.train.examples == 150
+    assert one["input_ids"] == two["input_ids"] and one["labels"] == two["labels"]
