@@ -151,8 +151,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_p
 
     def loss_that_explodes(self, model, batch):
         calls["n"] += 1
-        loss, n = real_loss(self, model, batch)
-        return (loss * float("nan"), n) if calls["n"] == 3 else (loss, n)
+        loss, n, extra = real_loss(self, model, batch)
+        return (loss * float("nan"), n, extra) if calls["n"] == 3 else (loss, n, extra)
 
     monkeypatch.setattr(FullFinetuneSFT, "loss", loss_that_explodes)
     with pytest.raises(TunelabError, match=r"became nan at step 3.*step-000002"):

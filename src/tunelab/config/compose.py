@@ -44,6 +44,7 @@ def _explain(err: Exception, overrides: list[str]) -> TunelabError:
         parent, _, leaf = key.rpartition(".")
         others = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") == key]
         valid: list[str] = []
+        base = None
         try:
             base = compose_config(others)
             node = OmegaConf.select(base, parent) if parent else base
@@ -51,6 +52,16 @@ def _explain(err: Exception, overrides: list[str]) -> TunelabError:
                 valid = [str(k) for k in node.keys()]
         except TunelabError:
             pass
+        if leaf in valid:  # the key exists: a {...} value brought keys the node lacks
+            return TunelabError(
+                f"'{key}' cannot take new keys from a {{...}} value on the command line (it merges into the "
+                f"shipped node). Replace the whole node instead: '~{key}' '+{key}={{...}}'."
+            )
+        if "_target_" in valid and _accepts_option(OmegaConf.select(base, f"{parent}._target_"), leaf):
+            return TunelabError(
+                f"'{key}' is a valid option of {OmegaConf.select(base, f'{parent}._target_')} but is not in the "
+                f"shipped config, so add it with a plus sign: '+{key}=VALUE'."
+            )
         close = difflib.get_close_matches(leaf, valid, n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(repr(f'{parent}.{c}' if parent else c) for c in close)}?" if close else ""
         listing = f" Valid keys under '{parent or '<root>'}': {', '.join(sorted(valid))}." if valid else ""
@@ -65,3 +76,14 @@ def _explain(err: Exception, overrides: list[str]) -> TunelabError:
             + "; ".join(f"{g}: {', '.join(opts)}" for g, opts in groups.items())
         )
     return TunelabError(f"Invalid command-line override: {message.splitlines()[0]}")
+
+
+def _accepts_option(target: str | None, name: str) -> bool:
+    import inspect
+
+    from hydra.utils import get_object
+
+    try:
+        return name in inspect.signature(get_object(target)).parameters
+    except Exception:
+        return False

@@ -6,7 +6,8 @@ A checkpoint is a folder that describes itself:
 - ``state.ckpt``: Fabric's format (``fabric.save``): scheduler, RNG, optimizer if asked, and the
   model weights for ``save_ckpt_type=lightning``;
 - for ``save_ckpt_type=hf``: the model in safetensors plus the tokenizer, so that
-  ``AutoModelForCausalLM.from_pretrained(folder)`` loads it unchanged.
+  ``AutoModelForCausalLM.from_pretrained(folder)`` loads it unchanged;
+- for ``save_ckpt_type=peft``: the adapter folder that ``PeftModel.from_pretrained`` loads.
 
 It is written into a hidden temporary folder and renamed into place, so a crash mid-write
 leaves the previous checkpoint intact.
@@ -78,7 +79,7 @@ def save_checkpoint(fabric, folder: Path, *, model, optimizer, scheduler, state:
             filters["model"] = lambda key, _value: key in trainable
     fabric.save(tmp / STATE_FILE, payload, filter=filters or None)
     if fabric.is_global_zero:
-        if options.save_ckpt_type == "hf":
+        if options.save_ckpt_type in ("hf", "peft"):  # a PeftModel saves just its adapter
             module.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
         meta = {
@@ -128,6 +129,8 @@ def load_checkpoint(fabric, path: str, *, model, optimizer, scheduler) -> TrainS
         payload["optimizer"] = optimizer
     if meta["ckpt_type"] == "lightning":
         payload["model"] = model
+    elif meta["ckpt_type"] == "peft":
+        _load_adapter_folder(getattr(model, "module", model), folder)
     else:
         _load_safetensors_folder(getattr(model, "module", model), folder)
     try:
@@ -149,3 +152,18 @@ def _load_safetensors_folder(module: torch.nn.Module, folder: Path) -> None:
         missing_unexpected = module.load_state_dict(load_file(file), strict=False)
         if missing_unexpected.unexpected_keys:
             raise TunelabError(f"Checkpoint '{file}' has weights this model lacks: {missing_unexpected.unexpected_keys[:5]}")
+
+
+def _load_adapter_folder(module: torch.nn.Module, folder: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    name = getattr(module, "active_adapter", "default")
+    file = folder / "adapter_model.safetensors"
+    if not file.exists():
+        file = folder / name / "adapter_model.safetensors"
+    if not file.exists():
+        raise TunelabError(f"Checkpoint '{folder}' says it is in peft format but holds no adapter_model.safetensors.")
+    result = set_peft_model_state_dict(module, load_file(file), adapter_name=name)
+    if result.unexpected_keys:
+        raise TunelabError(f"Adapter '{file}' has weights this model lacks: {result.unexpected_keys[:5]}")

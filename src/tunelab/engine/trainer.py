@@ -39,6 +39,7 @@ class RunResult:
     tokens_per_s: float = 0.0
     supervised_tokens_per_s: float = 0.0
     train_seconds: float = 0.0
+    outputs: dict[str, Path] = field(default_factory=dict)  # e.g. {"merged": ...} from the method
 
 
 @dataclass
@@ -161,6 +162,7 @@ def train(cfg: DictConfig) -> RunResult:
     result = fit(run, state, batches_per_epoch)
     result.data_report = report.as_dict()
     if fabric.is_global_zero:
+        result.outputs = method.finalize(getattr(model, "module", model), out, tokenizer)
         result.loss_curve = plot_loss_curve(out / "metrics.csv", out / "loss_curve.png") if result.metrics_csv.exists() else None
         summary = {
             "final_checkpoint": str(result.final_checkpoint), "global_step": state.global_step,
@@ -168,6 +170,7 @@ def train(cfg: DictConfig) -> RunResult:
             "supervised_tokens_per_s": result.supervised_tokens_per_s, "data": result.data_report,
             "evaluations": {str(k): v for k, v in result.evaluations.items()},
             "trainable_parameters": trainable, "total_parameters": total,
+            "outputs": {k: str(v) for k, v in result.outputs.items()},
         }  # fmt: skip
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return result
@@ -228,14 +231,17 @@ def fit(run: Run, state: TrainState, batches_per_epoch: int) -> RunResult:
             units = fabric.all_reduce(
                 torch.tensor(float(sum(method.loss_units(b) for b in micro_batches)), device=fabric.device), reduce_op="sum"
             ).item()
-            loss_total = torch.zeros((), device=fabric.device)
+            sums: dict[str, float] = {"loss": 0.0}
             for i, batch in enumerate(micro_batches):
                 with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
-                    loss_sum, _ = method.loss(model, batch)
+                    loss_sum, _, extra = method.loss(model, batch)
                     # DDP averages gradients over ranks; scale back to a sum over all units.
                     fabric.backward(loss_sum * fabric.world_size / max(units, 1))
-                loss_total += loss_sum.detach()
-            loss = fabric.all_reduce(loss_total, reduce_op="sum").item() / max(units, 1)
+                for key, value in {"loss": loss_sum.detach(), **extra}.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+            totals = fabric.all_reduce(torch.tensor(list(sums.values()), dtype=torch.float64, device=fabric.device), reduce_op="sum")
+            means = {key: value / max(units, 1) for key, value in zip(sums, totals.tolist())}
+            loss = means["loss"]
             if not math.isfinite(loss):
                 where = f"the last good checkpoint is {checkpoints / (checkpoints / 'latest').read_text().strip()}" if (checkpoints / "latest").exists() else "no checkpoint had been written yet"
                 raise TunelabError(
@@ -263,7 +269,7 @@ def fit(run: Run, state: TrainState, batches_per_epoch: int) -> RunResult:
             tokens_seen, supervised_seen, train_seconds = tokens_seen + tokens, supervised_seen + supervised, train_seconds + elapsed
             if state.global_step % run.log_every_n_steps == 0 or state.global_step == total_steps:
                 values = {
-                    "train/loss": loss, "train/lr": optimizer.param_groups[0]["lr"], "train/grad_norm": grad_norm,
+                    **{f"train/{key}": value for key, value in means.items()}, "train/lr": optimizer.param_groups[0]["lr"], "train/grad_norm": grad_norm,
                     "train/tokens_per_s": tokens / elapsed, "train/supervised_tokens_per_s": supervised / elapsed,
                     "train/epoch": state.epoch,
                 }  # fmt: skip

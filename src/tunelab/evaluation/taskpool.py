@@ -35,12 +35,21 @@ class HeldoutLossTaskPool:
             return {}
         was_training = model.training
         model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=fabric.device)
+        sums: dict[str, float] = {"loss": 0.0, "units": 0.0}
         with torch.no_grad():
             for batch in val_loader:
-                loss_sum, n = method.loss(model, batch)
-                total += torch.tensor([loss_sum.item(), n], dtype=torch.float64, device=fabric.device)
-        total = fabric.all_reduce(total, reduce_op="sum")
+                loss_sum, units, extra = method.loss(model, batch)
+                for key, value in {"loss": loss_sum, "units": units, **extra}.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+        totals = fabric.all_reduce(torch.tensor(list(sums.values()), dtype=torch.float64, device=fabric.device), reduce_op="sum")
         model.train(was_training)
-        loss = (total[0] / total[1].clamp(min=1)).item()
-        return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50))}
+        means = {key: (value / max(totals[1].item(), 1)) for key, value in zip(sums, totals.tolist()) if key != "units"}
+        scores = {f"val/{key}": value for key, value in means.items()}
+        if not extra_metrics_only(method):
+            scores["val/perplexity"] = math.exp(min(means["loss"], 50))
+        return scores
+
+
+def extra_metrics_only(method) -> bool:
+    """Perplexity means something only for a token-level language-modelling loss."""
+    return getattr(method, "loss_unit", "token") != "token"

@@ -17,18 +17,19 @@ def supervised_token_count(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def causal_lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+def causal_lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int, dict]:
     """Summed next-token cross-entropy over supervised tokens, and their count.
 
     Returning the sum (not the mean) lets the engine weight every token equally across
-    accumulated micro-batches and across ranks.
+    accumulated micro-batches and across ranks. The third item holds extra metrics as sums over
+    the same units (none for SFT).
     """
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     labels = batch["labels"][:, 1:]
     loss = F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    return loss, int((labels != IGNORE_INDEX).sum())
+    return loss, int((labels != IGNORE_INDEX).sum()), {}
 
 
 @dataclass
@@ -54,8 +55,12 @@ class FullFinetuneSFT(TrainingOptions):
                 log.info("Token embeddings frozen; they are tied to the output head, which is frozen with them")
         return model
 
-    def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+    def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int, dict]:
         return causal_lm_loss(model, batch)
+
+    def finalize(self, model: torch.nn.Module, output_dir, tokenizer) -> dict:
+        """Work after the last checkpoint, on rank 0; returns named output paths (none here)."""
+        return {}
 
     def loss_units(self, batch: dict) -> int:
         """What ``loss`` sums over (supervised tokens), counted before the forward pass so the

@@ -1,0 +1,56 @@
+"""Parameter-efficient supervised fine-tuning with any ``peft`` config (LoRA, DoRA, IA3, ...)."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from tunelab.config import instantiate
+from tunelab.methods.fullfinetune_sft import FullFinetuneSFT
+
+
+def _lora_defaults() -> dict:
+    return {
+        "_target_": "peft.LoraConfig", "task_type": "CAUSAL_LM",
+        "target_modules": ["q_proj", "v_proj", "gate_proj", "down_proj", "up_proj"],
+        "r": 64, "lora_alpha": 16, "lora_dropout": 0.0, "bias": "none",
+    }  # fmt: skip
+
+
+def _peft_node(node: dict) -> dict:
+    """YAML writes the task type as ``peft.TaskType.CAUSAL_LM``; peft takes the member's name."""
+    node = dict(node)
+    task = node.get("task_type")
+    if isinstance(task, str) and task.startswith("peft.TaskType."):
+        node["task_type"] = task.rsplit(".", 1)[1]
+    return node
+
+
+@dataclass
+class PeftFinetuneSFT(FullFinetuneSFT):
+    """SFT that trains only an adapter from the ``peft`` library; the base weights stay frozen."""
+
+    optimizer: dict = field(default_factory=lambda: {"_target_": "torch.optim.AdamW", "lr": 1e-4, "weight_decay": 0.01})
+    peft_config: dict = field(default_factory=_lora_defaults)
+    """``_target_`` node of any peft config (peft.LoraConfig, peft.IA3Config, peft.PromptTuningConfig, ...)."""
+    adapter_name: str = "default"
+    merge_and_unload: bool = False
+    """After training, also write the adapter merged into the base weights to OUTPUT_DIR/merged."""
+    save_full_model: bool = False
+    """False: checkpoints hold only the adapter weights."""
+    save_ckpt_type: Literal["lightning", "peft"] = "lightning"
+    """peft: checkpoints are adapter folders that PeftModel.from_pretrained loads."""
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        from peft import get_peft_model
+
+        model = super().prepare_model(model)
+        return get_peft_model(model, instantiate(_peft_node(self.peft_config)), adapter_name=self.adapter_name)
+
+    def finalize(self, model: torch.nn.Module, output_dir: Path, tokenizer) -> dict:
+        if not self.merge_and_unload:
+            return {}
+        from tunelab.deploy import merge_adapter
+
+        return {"merged": merge_adapter(model, Path(output_dir) / "merged", tokenizer)}
