@@ -7,7 +7,7 @@ checked against the signature of what they build; the rest of the tree is descri
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-DataFormat = Literal["alpaca", "sharegpt", "openai", "prompt_completion", "text"]
+DataFormat = Literal["alpaca", "sharegpt", "openai", "prompt_completion", "text", "preference"]
 
 
 @dataclass

@@ -79,8 +79,11 @@ def _tokenize(examples: list[dict], tokenizer, max_length: int, cfg: DataConfig,
     kept = [i for i, s in enumerate(status) if s in ("ok", "truncated")]
     tokenized = tokenized.select(kept).remove_columns("status")
     report.examples = len(tokenized)
-    report.tokens = sum(len(ids) for ids in tokenized["input_ids"])
-    report.supervised_tokens = sum(sum(1 for t in labels[1:] if t != -100) for labels in tokenized["labels"])
+    if "labels" in tokenized.column_names:
+        report.tokens = sum(len(ids) for ids in tokenized["input_ids"])
+        report.supervised_tokens = sum(sum(1 for t in labels[1:] if t != -100) for labels in tokenized["labels"])
+    else:  # preference pairs: every token of both sides is read, none is a target
+        report.tokens = sum(len(a) + len(b) for a, b in zip(tokenized["chosen_input_ids"], tokenized["rejected_input_ids"]))
     return tokenized
 
 
@@ -119,7 +122,7 @@ def build_datasets(cfg: DataConfig, tokenizer, max_length: int) -> tuple[dataset
     t = report.train
     log.info(
         "Data: %d training examples (%d tokens, %d supervised) from %d records; %d truncated to %d tokens, "
-        "%d dropped as longer than %d (data.overlong=drop), %d dropped with no supervised token",
+        "%d dropped as longer than %d (data.overlong=drop), %d dropped with no supervised token (or identical pair)",
         t.examples, t.tokens, t.supervised_tokens, t.records, t.truncated, max_length,
         t.dropped_overlong, max_length, t.dropped_unsupervised,
     )  # fmt: skip

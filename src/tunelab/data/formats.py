@@ -83,9 +83,14 @@ def _prompt_completion(record: Record, cfg: DataConfig) -> list[dict]:
 
 
 def to_example(record: Record, cfg: DataConfig) -> dict:
-    """``{"messages": [...]}`` for chat formats, ``{"text": ...}`` for the text format."""
+    """``{"messages": [...]}`` for chat formats, ``{"text": ...}`` for the text format,
+    ``{"chosen": [...], "rejected": [...]}`` for preference pairs."""
     if cfg.format == "text":
         return {"text": _field(record, cfg.text_field, "data.text_field")}
+    if cfg.format == "preference":
+        from tunelab.data.preference import to_preference
+
+        return to_preference(record, cfg.system_prompt)
     if cfg.format == "alpaca":
         return {"messages": _alpaca(record, cfg)}
     if cfg.format == "sharegpt":
@@ -95,5 +100,5 @@ def to_example(record: Record, cfg: DataConfig) -> dict:
     if cfg.format == "prompt_completion":
         return {"messages": _prompt_completion(record, cfg)}
     raise TunelabError(
-        f"data.format={cfg.format!r} is not a known format: use alpaca, sharegpt, openai, prompt_completion or text."
+        f"data.format={cfg.format!r} is not a known format: use alpaca, sharegpt, openai, prompt_completion, text or preference."
     )

@@ -70,6 +70,10 @@ def tokenize_text(tokenizer, text: str) -> tuple[list[int], list[int]]:
 def tokenize_batch(batch: dict[str, list], tokenizer: Any, max_length: int, overlong: str) -> dict[str, list]:
     """``datasets.map`` function: adds input_ids, labels and a status per example
     (ok, truncated, overlong, unsupervised); examples not ok or truncated are filtered out later."""
+    if "chosen" in batch:
+        from tunelab.data.preference import tokenize_pairs_batch
+
+        return tokenize_pairs_batch(batch, tokenizer, max_length, overlong)
     out: dict[str, list] = {"input_ids": [], "labels": [], "status": []}
     rows = batch["messages"] if "messages" in batch else batch["text"]
     for row in rows:

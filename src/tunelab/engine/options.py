@@ -54,6 +54,10 @@ class TrainingOptions:
         if int(self.dataloader_kwargs.get("batch_size", 1)) < 1:
             raise TunelabError("method.dataloader_kwargs.batch_size must be at least 1.")
 
+    def examples_per_batch(self, batch_size: int) -> int:
+        """Dataset items in a batch of ``batch_size`` sequences (a preference pair holds two)."""
+        return batch_size
+
     def steps_per_epoch(self, batches_per_epoch: int) -> int:
         steps = math.ceil(batches_per_epoch / self.accumulate_grad_batches)
         return min(steps, self.max_steps_per_epoch) if self.max_steps_per_epoch > 0 else steps

@@ -84,8 +84,7 @@ def _prepare_output_dir(cfg: DictConfig, resuming_from: Path | None) -> Path:
 
 def _loader(dataset, method, tokenizer, sampler=None, batch_size=None) -> DataLoader:
     kwargs = dict(method.dataloader_kwargs)
-    if batch_size is not None:
-        kwargs["batch_size"] = batch_size
+    kwargs["batch_size"] = method.examples_per_batch(batch_size or kwargs.get("batch_size", 1))
     kwargs["pin_memory"] = kwargs.get("pin_memory", False) and torch.cuda.is_available()
     return DataLoader(dataset, sampler=sampler, collate_fn=method.collate_fn(tokenizer), **kwargs)
 
@@ -122,7 +121,7 @@ def train(cfg: DictConfig) -> RunResult:
             "or data.val_path=FILE, or use taskpool=dummy."
         )
 
-    model = method.prepare_model(pool.load_model(vocab_size=len(tokenizer)))
+    model = method.prepare_model(pool.load_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id))
     if cfg.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -186,7 +185,7 @@ def fit(run: Run, state: TrainState, batches_per_epoch: int) -> RunResult:
     fabric, method, model, optimizer = run.fabric, run.method, run.model, run.optimizer
     total_steps = method.total_steps(batches_per_epoch)
     steps_per_epoch = method.steps_per_epoch(batches_per_epoch)
-    batch_size = int(method.dataloader_kwargs.get("batch_size", 1))
+    batch_size = method.examples_per_batch(int(method.dataloader_kwargs.get("batch_size", 1)))
     result = RunResult(run.output_dir, Path(), run.output_dir / "metrics.csv", None, state)
     checkpoints = run.output_dir / "checkpoints"
     last_saved_step = -1

@@ -47,7 +47,19 @@ class HeldoutLossTaskPool:
         scores = {f"val/{key}": value for key, value in means.items()}
         if not extra_metrics_only(method):
             scores["val/perplexity"] = math.exp(min(means["loss"], 50))
+        if "accuracy" in means:
+            low, high = wilson_interval(means["accuracy"], totals[1].item())
+            scores |= {"val/accuracy_ci95_low": low, "val/accuracy_ci95_high": high, "val/pairs": totals[1].item()}
         return scores
+
+
+def wilson_interval(p: float, n: float, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion ``p`` measured on ``n`` trials."""
+    if n <= 0:
+        return 0.0, 1.0
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
 
 
 def extra_metrics_only(method) -> bool:

@@ -32,6 +32,13 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, i
     return loss, int((labels != IGNORE_INDEX).sum()), {}
 
 
+def freeze_token_embedding(model: torch.nn.Module) -> torch.nn.Module:
+    model.get_input_embeddings().weight.requires_grad_(False)
+    if getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
+        log.info("Token embeddings frozen; they are tied to the output head, which is frozen with them")
+    return model
+
+
 @dataclass
 class FullFinetuneSFT(TrainingOptions):
     """Supervised fine-tuning of every weight (the token embeddings optionally frozen);
@@ -49,11 +56,7 @@ class FullFinetuneSFT(TrainingOptions):
         return PadCollator(tokenizer.pad_token_id)
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        if self.fix_token_embedding:
-            model.get_input_embeddings().weight.requires_grad_(False)
-            if getattr(model.config, "tie_word_embeddings", False):
-                log.info("Token embeddings frozen; they are tied to the output head, which is frozen with them")
-        return model
+        return freeze_token_embedding(model) if self.fix_token_embedding else model
 
     def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int, dict]:
         return causal_lm_loss(model, batch)

@@ -1,3 +1,3 @@
-from tunelab.models.pool import CausalLMPool
+from tunelab.models.pool import CausalLMPool, SequenceClassificationModelPool
 
-__all__ = ["CausalLMPool"]
+__all__ = ["CausalLMPool", "SequenceClassificationModelPool"]

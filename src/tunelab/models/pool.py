@@ -91,6 +91,7 @@ class CausalLMPool:
     """
 
     auto_class = "AutoModelForCausalLM"
+    config_overrides: dict = {}
 
     def __init__(
         self,
@@ -144,9 +145,13 @@ class CausalLMPool:
 
         return getattr(transformers, self.auto_class)
 
-    def load_model(self, vocab_size: Optional[int] = None):
-        """Load (or randomly initialise) the model; ``vocab_size`` sizes a model built from config."""
+    def load_model(self, vocab_size: Optional[int] = None, pad_token_id: Optional[int] = None):
+        """Load (or randomly initialise) the model; ``vocab_size`` sizes a model built from config,
+        ``pad_token_id`` is recorded in its config."""
         kwargs = {"dtype": _dtype(self.dtype)}
+        config_overrides = dict(self.config_overrides)
+        if pad_token_id is not None:
+            config_overrides["pad_token_id"] = pad_token_id
         if self.attn_implementation:
             kwargs["attn_implementation"] = self.attn_implementation
         if self.model_path is None:
@@ -156,11 +161,15 @@ class CausalLMPool:
             model_type = options.pop("model_type", "llama")
             if vocab_size is not None:
                 options.setdefault("vocab_size", vocab_size)
-            config = AutoConfig.for_model(model_type, **options)
-            self.configure(config)
+            config = AutoConfig.for_model(model_type, **options, **config_overrides)
             return self._auto_class().from_config(config, **kwargs)
         folder = self._hf_dir(self.model_path, "modelpool.model_path", "model")
-        return self._auto_class().from_pretrained(folder, **kwargs)
+        return self._auto_class().from_pretrained(folder, **kwargs, **config_overrides)
 
-    def configure(self, config) -> None:
-        """Hook for pools that adjust a freshly built config (e.g. number of labels)."""
+
+class SequenceClassificationModelPool(CausalLMPool):
+    """A causal LM body with a one-output score head (a reward model), from the same sources as
+    CausalLMPool; starting from a causal LM, the head is freshly initialised."""
+
+    auto_class = "AutoModelForSequenceClassification"
+    config_overrides = {"num_labels": 1}

@@ -1,0 +1,96 @@
+"""Bradley-Terry reward modeling: loss = -log sigmoid(r(x, y_chosen) - r(x, y_rejected))."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tunelab.data import build_datasets
+from tunelab.data.preference import PairCollator
+from tunelab.engine.options import TrainingOptions
+from tunelab.errors import TunelabError
+from tunelab.methods.fullfinetune_sft import freeze_token_embedding
+
+
+def _score_head(model: torch.nn.Module) -> torch.nn.Module:
+    for name in ("score", "classifier"):
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Module):
+            return head
+    raise TunelabError(
+        f"{type(model).__name__} has no 'score' or 'classifier' head; use modelpool=SequenceClassificationModelPool/... "
+        "so the model has a one-output score head."
+    )
+
+
+def rewards(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """One reward per row, read at the row's last real token.
+
+    transformers pools the score at the last token that is not the pad token, which picks the
+    wrong position when pad == eos and a sequence holds eos tokens (every ChatML turn ends with
+    one). So the per-position scores are captured from the head and indexed by attention mask.
+    """
+    captured = []
+    hook = _score_head(getattr(model, "module", model)).register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    finally:
+        hook.remove()
+    scores = captured[-1][..., 0]  # (rows, positions)
+    last = batch["attention_mask"].sum(dim=1) - 1  # right padding
+    return scores[torch.arange(scores.shape[0], device=scores.device), last].float()
+
+
+def bradley_terry_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int, dict]:
+    """Summed -log σ(margin) over the pairs of a batch (chosen rows first), the pair count, and
+    summed accuracy and margin."""
+    reward = rewards(model, batch)
+    pairs = reward.shape[0] // 2
+    margin = reward[:pairs] - reward[pairs:]
+    loss = -F.logsigmoid(margin).sum()  # log-sigmoid: stable for any margin
+    return loss, pairs, {"accuracy": (margin > 0).sum().item(), "margin": margin.detach().sum().item()}
+
+
+@dataclass
+class BradleyTerryRewardModeling(TrainingOptions):
+    """Train a scalar reward model on (prompt, chosen, rejected) pairs. ``batch_size`` counts
+    sequences, so it must be even: each pair is two rows, chosen and rejected."""
+
+    max_length: int = 4096
+    """Longest sequence in tokens; longer sides keep their last max_length tokens."""
+    fix_token_embedding: bool = True
+    """Freeze the input token embeddings."""
+
+    loss_unit = "pair"
+
+    def check(self) -> None:
+        super().check()
+        batch_size = int(self.dataloader_kwargs.get("batch_size", 2))
+        if batch_size % 2:
+            raise TunelabError(
+                f"method.dataloader_kwargs.batch_size={batch_size} is odd, but a reward-model batch holds each pair as two "
+                "rows (chosen and rejected). Use an even number, e.g. method.dataloader_kwargs.batch_size=2."
+            )
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return freeze_token_embedding(model) if self.fix_token_embedding else model
+
+    def finalize(self, model: torch.nn.Module, output_dir, tokenizer) -> dict:
+        return {}
+
+    def examples_per_batch(self, batch_size: int) -> int:
+        return max(1, batch_size // 2)
+
+    def build_data(self, data_cfg, tokenizer):
+        if data_cfg.format != "preference":
+            raise TunelabError(f"Reward modeling reads preference pairs: set data.format=preference (it is {data_cfg.format!r}).")
+        return build_datasets(data_cfg, tokenizer, self.max_length)
+
+    def collate_fn(self, tokenizer):
+        return PairCollator(tokenizer.pad_token_id)
+
+    def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int, dict]:
+        return bradley_terry_loss(model, batch)
+
+    def loss_units(self, batch: dict) -> int:
+        return batch["input_ids"].shape[0] // 2
