@@ -77,6 +77,8 @@ def cmd_train(argv: list[str]) -> int:
     from tunelab.engine import train
 
     result = train(cfg)
+    if not result.is_global_zero:
+        return 0
     print(f"\nFinished {result.state.global_step} steps in {result.train_seconds:.0f} s "
           f"({result.tokens_per_s:.0f} tokens/s, {result.supervised_tokens_per_s:.0f} supervised tokens/s)")
     if result.evaluations:

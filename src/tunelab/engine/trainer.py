@@ -7,6 +7,7 @@
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ class RunResult:
     supervised_tokens_per_s: float = 0.0
     train_seconds: float = 0.0
     outputs: dict[str, Path] = field(default_factory=dict)  # e.g. {"merged": ...} from the method
+    is_global_zero: bool = True
 
 
 @dataclass
@@ -82,6 +84,10 @@ def _prepare_output_dir(cfg: DictConfig, resuming_from: Path | None) -> Path:
     return out
 
 
+def _launching_rank() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
 def _loader(dataset, method, tokenizer, sampler=None, batch_size=None) -> DataLoader:
     kwargs = dict(method.dataloader_kwargs)
     kwargs["batch_size"] = method.examples_per_batch(batch_size or kwargs.get("batch_size", 1))
@@ -96,7 +102,9 @@ def train(cfg: DictConfig) -> RunResult:
     method = instantiate(cfg.method)
     method.check()
     resuming_from = resolve_checkpoint(method.ckpt_path) if method.ckpt_path else None
-    out = _prepare_output_dir(cfg, resuming_from)
+    # Only the launching process (rank 0) judges and cleans the output folder: the other ranks are
+    # started by it (or by torchrun) and would find the run it has just begun.
+    out = _prepare_output_dir(cfg, resuming_from) if _launching_rank() else Path(cfg.output_dir)
 
     from lightning.fabric.loggers import TensorBoardLogger
 
@@ -160,6 +168,7 @@ def train(cfg: DictConfig) -> RunResult:
     )  # fmt: skip
     result = fit(run, state, batches_per_epoch)
     result.data_report = report.as_dict()
+    result.is_global_zero = fabric.is_global_zero
     if fabric.is_global_zero:
         result.outputs = method.finalize(getattr(model, "module", model), out, tokenizer)
         result.loss_curve = plot_loss_curve(out / "metrics.csv", out / "loss_curve.png") if result.metrics_csv.exists() else None
