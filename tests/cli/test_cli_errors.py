@@ -175,3 +175,13 @@ def test_heldout_loss_without_validation_split(capsys, tmp_path):
     assert code == 1
     line = _assert_clean_error(err)
     assert "data.val_fraction" in line and "taskpool=dummy" in line
+
+
+def test_a_component_that_refuses_its_options_is_a_clear_error(tmp_path, capsys):
+    from tunelab.cli.main import main
+
+    code = main(["train", "modelpool=CausalLMPool/tiny-llama", "data.path=x.jsonl", f"output_dir={tmp_path / 'o'}",
+                 "fabric=fsdp", "fabric.accelerator=cpu"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and "Could not build lightning.fabric.Fabric" in err and "only available on GPU" in err
+    assert "Traceback" not in err

@@ -2,8 +2,11 @@
 
 from typing import Any
 
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate as _hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
+
+from tunelab.errors import TunelabError
 
 
 def replace_placeholder(node: Any, placeholder: str, value: Any) -> Any:
@@ -21,4 +24,14 @@ def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
     as plain dicts for the built object to instantiate itself (late binding)."""
     if isinstance(node, DictConfig):
         node = OmegaConf.to_container(node, resolve=True)
-    return _hydra_instantiate(node, *args, _recursive_=False, _convert_="all", **kwargs)
+    try:
+        return _hydra_instantiate(node, *args, _recursive_=False, _convert_="all", **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, TunelabError):
+            raise cause from None
+        reason = (f"{type(cause).__name__}: {cause}" if cause is not None else str(err)).rstrip(".")
+        raise TunelabError(
+            f"Could not build {node.get('_target_')} from the config: {reason}. Check that node's options "
+            "(`tunelab train ... --cfg job` prints them)."
+        ) from err

@@ -109,6 +109,12 @@ def train(cfg: DictConfig) -> RunResult:
     from lightning.fabric.loggers import TensorBoardLogger
 
     fabric = instantiate(cfg.fabric, loggers=[TensorBoardLogger(root_dir=str(out), name="tensorboard", version="")])
+    if "FSDP" in type(fabric.strategy).__name__ and method.save_ckpt_type != "lightning":
+        # Sharded weights must be gathered before save_pretrained; that path is not built yet.
+        raise TunelabError(
+            f"method.save_ckpt_type={method.save_ckpt_type} is not supported with fabric=fsdp yet: use "
+            "method.save_ckpt_type=lightning (Fabric's sharded checkpoint), or fabric=ddp for hf/peft folders."
+        )
     fabric.launch()
     fabric.seed_everything(cfg.seed, verbose=False)
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
