@@ -196,3 +196,10 @@ def test_ckpt_path_that_is_not_a_checkpoint(tmp_path):
         run(tmp_path / "r", f"method.ckpt_path={tmp_path / 'junk'}")
     with pytest.raises(TunelabError, match="does not exist"):
         run(tmp_path / "r", f"method.ckpt_path={tmp_path / 'nowhere'}")
+
+
+def test_a_run_that_fails_during_setup_does_not_claim_the_output_dir(tmp_path):
+    with pytest.raises(TunelabError, match="does not exist"):
+        run(tmp_path / "o", "data.path=/nowhere/train.jsonl")
+    assert not (tmp_path / "o/run.json").exists()
+    assert run(tmp_path / "o", "method.max_steps=1").state.global_step == 1

@@ -117,12 +117,6 @@ def train(cfg: DictConfig) -> RunResult:
         )
     fabric.launch()
     fabric.seed_everything(cfg.seed, verbose=False)
-    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    if fabric.is_global_zero:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", config_yaml)
-        if resuming_from is None or not (out / "run.json").exists():
-            atomic_write_text(out / "run.json", json.dumps({"started": time.strftime("%Y-%m-%d %H:%M:%S")}))
 
     pool = instantiate(cfg.modelpool)
     tokenizer = pool.load_tokenizer()
@@ -167,6 +161,14 @@ def train(cfg: DictConfig) -> RunResult:
     if resuming_from is not None:
         state = load_checkpoint(fabric, str(resuming_from), model=model, optimizer=optimizer, scheduler=scheduler)
         log.info("Resumed from %s at step %d (epoch %d)", resuming_from, state.global_step, state.epoch)
+    # The folder is marked as holding a run only once setup has succeeded, so a typo in a data path
+    # does not leave a half-made run behind that the next attempt refuses to overwrite.
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    if fabric.is_global_zero:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", config_yaml)
+        if resuming_from is None or not (out / "run.json").exists():
+            atomic_write_text(out / "run.json", json.dumps({"started": time.strftime("%Y-%m-%d %H:%M:%S")}))
     metrics = MetricsCSV(out / "metrics.csv", resume_step=state.global_step if resuming_from else None) if fabric.is_global_zero else None
     run = Run(
         fabric, method, model, optimizer, scheduler, loader, sampler, val_loader, taskpool, tokenizer,
