@@ -80,7 +80,8 @@ def cmd_train(argv: list[str]) -> int:
     if not result.is_global_zero:
         return 0
     print(f"\nFinished {result.state.global_step} steps in {result.train_seconds:.0f} s "
-          f"({result.tokens_per_s:.0f} tokens/s, {result.supervised_tokens_per_s:.0f} supervised tokens/s)")
+          f"({result.tokens_per_s:.0f} tokens/s, {result.supervised_tokens_per_s:.1f} "
+          f"{'supervised tokens' if result.loss_unit == 'token' else result.loss_unit + 's'}/s)")
     if result.evaluations:
         first, last = min(result.evaluations), max(result.evaluations)
         for key in result.evaluations[last]:

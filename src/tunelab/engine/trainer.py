@@ -42,6 +42,7 @@ class RunResult:
     train_seconds: float = 0.0
     outputs: dict[str, Path] = field(default_factory=dict)  # e.g. {"merged": ...} from the method
     is_global_zero: bool = True
+    loss_unit: str = "token"  # what supervised_tokens_per_s counts: supervised tokens, or pairs
 
 
 @dataclass
@@ -177,6 +178,7 @@ def train(cfg: DictConfig) -> RunResult:
     result = fit(run, state, batches_per_epoch)
     result.data_report = report.as_dict()
     result.is_global_zero = fabric.is_global_zero
+    result.loss_unit = getattr(method, "loss_unit", "token")
     if fabric.is_global_zero:
         result.outputs = method.finalize(getattr(model, "module", model), out, tokenizer)
         result.loss_curve = plot_loss_curve(out / "metrics.csv", out / "loss_curve.png") if result.metrics_csv.exists() else None
