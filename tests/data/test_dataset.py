@@ -6,11 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import shared_data
+
 from tunelab.config import DataConfig
 from tunelab.data import IGNORE_INDEX, PadCollator, ResumableSampler, build_datasets
 from tunelab.errors import TunelabError
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 
 
 def _jsonl(path: Path, rows: list[dict]) -> str:
@@ -171,9 +172,7 @@ def test_text_format_dataset(tmp_path, tokenizer):
 
 
 def test_real_gsm8k_file(tmp_path, tokenizer):
-    path = SHARED_DATA / "gsm8k" / "train.jsonl"
-    if not path.exists():
-        pytest.skip(f"../shared/data is absent: {path.resolve()} exists only in the project's workspace")
+    path = shared_data("gsm8k", "train.jsonl")
     cfg = _cfg(
         tmp_path, path, prompt_field="question", completion_field="answer", max_samples=16, val_fraction=0.25
     )

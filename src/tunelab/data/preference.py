@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from tunelab.data.collate import pad_rows
 from tunelab.data.readers import Record
 from tunelab.data.tokenize import render
 from tunelab.errors import TunelabError
@@ -87,12 +88,7 @@ def tokenize_pairs_batch(batch: dict[str, list], tokenizer: Any, max_length: int
 def pair_collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch of 2B rows: the B chosen sequences, then the B rejected ones."""
     rows = [e["chosen_input_ids"] for e in examples] + [e["rejected_input_ids"] for e in examples]
-    longest = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), longest), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = torch.as_tensor(row)
-        attention_mask[i, : len(row)] = 1
+    input_ids, attention_mask = pad_rows(rows, pad_token_id)
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 

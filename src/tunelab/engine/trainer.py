@@ -257,8 +257,11 @@ def fit(run: Run, state: TrainState, batches_per_epoch: int) -> RunResult:
                     fabric.backward(loss_sum * fabric.world_size / max(units, 1))
                 for key, value in {"loss": loss_sum.detach(), **extra}.items():
                     sums[key] = sums.get(key, 0.0) + float(value)
-            totals = fabric.all_reduce(torch.tensor(list(sums.values()), dtype=torch.float64, device=fabric.device), reduce_op="sum")
-            means = {key: value / max(units, 1) for key, value in zip(sums, totals.tolist())}
+            # One collective for the metrics and the non-pad token count of this step.
+            sums["tokens"] = float(sum(int(b["attention_mask"].sum()) for b in micro_batches))
+            totals = dict(zip(sums, fabric.all_reduce(torch.tensor(list(sums.values()), dtype=torch.float64, device=fabric.device), reduce_op="sum").tolist()))
+            tokens = totals.pop("tokens")
+            means = {key: value / max(units, 1) for key, value in totals.items()}
             loss = means["loss"]
             if not math.isfinite(loss):
                 where = f"the last good checkpoint is {checkpoints / (checkpoints / 'latest').read_text().strip()}" if (checkpoints / "latest").exists() else "no checkpoint had been written yet"
@@ -281,14 +284,12 @@ def fit(run: Run, state: TrainState, batches_per_epoch: int) -> RunResult:
             if run.scheduler is not None and method.lr_scheduler_interval == "step" and state.global_step % method.lr_scheduler_frequency == 0:
                 run.scheduler.step()
 
-            counts = torch.tensor([float(sum(int(b["attention_mask"].sum()) for b in micro_batches)), units], device=fabric.device)
-            tokens, supervised = fabric.all_reduce(counts, reduce_op="sum").tolist()[0], units
             elapsed = time.perf_counter() - started
-            tokens_seen, supervised_seen, train_seconds = tokens_seen + tokens, supervised_seen + supervised, train_seconds + elapsed
+            tokens_seen, supervised_seen, train_seconds = tokens_seen + tokens, supervised_seen + units, train_seconds + elapsed
             if state.global_step % run.log_every_n_steps == 0 or state.global_step == total_steps:
                 values = {
                     **{f"train/{key}": value for key, value in means.items()}, "train/lr": optimizer.param_groups[0]["lr"], "train/grad_norm": grad_norm,
-                    "train/tokens_per_s": tokens / elapsed, "train/supervised_tokens_per_s": supervised / elapsed,
+                    "train/tokens_per_s": tokens / elapsed, "train/supervised_tokens_per_s": units / elapsed,
                     "train/epoch": state.epoch,
                 }  # fmt: skip
                 fabric.log_dict(values, step=state.global_step)
