@@ -16,6 +16,7 @@ def setup_logging(debug: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(message)s" if debug else "[tunelab] %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
+        force=True,  # bind to the current stderr, also when called again in one process
     )
-    for noisy in ("lightning", "lightning.fabric", "datasets", "transformers", "urllib3", "matplotlib", "filelock"):
+    for noisy in ("lightning", "lightning.fabric", "lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "datasets", "transformers", "urllib3", "matplotlib", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

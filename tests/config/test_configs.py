@@ -53,7 +53,7 @@ def test_default_config_validates():
 def test_option_values_reach_the_config():
     cfg = compose_config(["fabric=cpu", "data=gsm8k-demo", "modelpool=CausalLMPool/tiny-llama"])
     assert cfg.fabric.accelerator == "cpu"
-    assert cfg.fabric.precision == "32-true"  # inherited from fabric/auto
+    assert cfg.fabric.precision == "auto"  # inherited from fabric/auto
     assert cfg.data.prompt_field == "question"
     assert cfg.data.shuffle is True  # inherited from data/default
     assert cfg.modelpool.config.num_hidden_layers == 2

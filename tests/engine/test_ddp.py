@@ -14,7 +14,7 @@ COMMON = [
     "data.prompt_field=question", "data.completion_field=answer", "data.max_samples=32", "method.max_length=192",
     "method.max_steps=6", "method.optimizer.lr=1e-3", "method.lr_scheduler.warmup_steps=2",
     "method.fix_token_embedding=false", "method.save_optimizer_state=true", "method.checkpoint_save_interval=step",
-    "method.checkpoint_save_frequency=3", "fabric.accelerator=cpu", "progress_bar=false",
+    "method.checkpoint_save_frequency=3", "fabric.accelerator=cpu", "fabric.precision=32-true", "progress_bar=false",
 ]  # fmt: skip
 
 

@@ -20,7 +20,7 @@ def overrides(out: Path, *extra: str) -> list[str]:
         "data.completion_field=answer", "data.max_samples=16", f"data.cache_dir={out.parent / 'cache'}",
         "method.max_length=192", "method.dataloader_kwargs.batch_size=4", "method.optimizer.lr=1e-3",
         "method.lr_scheduler.warmup_steps=2", "method.fix_token_embedding=false", f"output_dir={out}",
-        "progress_bar=false", *extra,
+        "progress_bar=false", "fabric.precision=32-true", *extra,
     ]  # fmt: skip
 
 

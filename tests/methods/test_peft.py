@@ -32,7 +32,7 @@ def run(base: Path, out: Path, *extra: str):
         "method=lm_finetune/peftfinetune_sft", f"modelpool.model_path={base}", "modelpool.dtype=float32",
         f"data.path={DEMO_DATA}", "data.prompt_field=question", "data.completion_field=answer", "data.max_samples=16",
         f"data.cache_dir={out.parent / 'cache'}", "method.max_length=192", "method.dataloader_kwargs.batch_size=4",
-        "method.optimizer.lr=1e-2", "method.peft_config.r=8", f"output_dir={out}", "progress_bar=false", *extra,
+        "method.optimizer.lr=1e-2", "method.peft_config.r=8", f"output_dir={out}", "progress_bar=false", "fabric.precision=32-true", *extra,
     ]))  # fmt: skip
 
 

@@ -94,6 +94,8 @@ def _check_target(node: dict, path: str) -> None:
             raise _unknown_key(path, key, valid, node["_target_"])
         if isinstance(value, dict) and "_target_" in value:
             _check_target(value, where)
+        elif where == "fabric.precision" and value == "auto":
+            continue  # tunelab's own value, resolved by the engine before Fabric is built
         elif key in hints:
             _check_type(value, hints[key], where)
 

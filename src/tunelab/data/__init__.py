@@ -1,4 +1,4 @@
-from tunelab.data.collate import PadCollator, pad_collate
+from tunelab.data.collate import PackCollator, PadCollator, batch_tokens, pack_collate, pad_collate
 from tunelab.data.dataset import DataReport, build_datasets, load_examples
 from tunelab.data.formats import to_example
 from tunelab.data.readers import Record, read_records
@@ -8,11 +8,14 @@ from tunelab.data.tokenize import IGNORE_INDEX, render, tokenize_conversation, t
 __all__ = [
     "IGNORE_INDEX",
     "DataReport",
+    "PackCollator",
     "PadCollator",
     "Record",
     "ResumableSampler",
+    "batch_tokens",
     "build_datasets",
     "load_examples",
+    "pack_collate",
     "pad_collate",
     "read_records",
     "render",

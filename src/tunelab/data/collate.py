@@ -31,3 +31,38 @@ class PadCollator:
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         return pad_collate(examples, self.pad_token_id)
+
+
+def pack_collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """Concatenate the examples into one row without padding (padding-free packing).
+
+    Positions restart at 0 for every example, and ``cu_seq_lens_q``/``cu_seq_lens_k`` hold the
+    example boundaries, so an attention that honours them (tunelab's packed sdpa, flash
+    attention's varlen kernels, or transformers' own mask built from the positions) keeps each
+    example to itself. The first token of every example gets label -100: it must not be learned
+    as the continuation of the example before it.
+    """
+    lengths = [len(e["input_ids"]) for e in examples]
+    input_ids = torch.tensor([t for e in examples for t in e["input_ids"]], dtype=torch.long)[None]
+    labels = torch.tensor([t for e in examples for t in e["labels"]], dtype=torch.long)[None]
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    bounds = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    labels[0, bounds[:-1].long()] = IGNORE_INDEX
+    return {
+        "input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+        "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": max(lengths), "max_length_k": max(lengths),
+    }  # fmt: skip
+
+
+def batch_tokens(batch: dict) -> int:
+    """Real (non-pad) tokens in a padded or packed batch."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["input_ids"].numel())
+
+
+class PackCollator:
+    """Picklable collate_fn for padding-free packing."""
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        return pack_collate(examples)

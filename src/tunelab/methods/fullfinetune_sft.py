@@ -1,13 +1,15 @@
 """Full-parameter supervised fine-tuning."""
 
+import inspect
 import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from tunelab.data import IGNORE_INDEX, PadCollator, build_datasets
+from tunelab.data import IGNORE_INDEX, PackCollator, PadCollator, build_datasets
 from tunelab.engine.options import TrainingOptions
+from tunelab.models.kernels import linear_cross_entropy, use_packed_attention
 
 log = logging.getLogger(__name__)
 
@@ -17,19 +19,72 @@ def supervised_token_count(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
+def model_inputs(batch: dict) -> dict:
+    """What the model's forward takes from a padded or a packed batch."""
+    names = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+    return {name: batch[name] for name in names if name in batch}
+
+
 def causal_lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int, dict]:
-    """Summed next-token cross-entropy over supervised tokens, and their count.
+    """Summed next-token cross-entropy over supervised tokens, and their count (the reference path).
 
     Returning the sum (not the mean) lets the engine weight every token equally across
     accumulated micro-batches and across ranks. The third item holds extra metrics as sums over
     the same units (none for SFT).
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logits = model(**model_inputs(batch), use_cache=False).logits
     labels = batch["labels"][:, 1:]
     loss = F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
     return loss, int((labels != IGNORE_INDEX).sum()), {}
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside Fabric / DDP / peft wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def supports_chunked_loss(model: torch.nn.Module) -> bool:
+    """The chunked loss needs a plain bias-free linear head, no logit soft-capping or scaling,
+    and a forward that takes ``logits_to_keep`` (transformers' causal LMs)."""
+    inner = _unwrap(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    config = getattr(inner, "config", None)
+    return (
+        type(head) is torch.nn.Linear and head.bias is None and hasattr(inner, "get_decoder")
+        and not getattr(config, "final_logit_softcapping", None) and getattr(config, "logit_scale", None) in (None, 1.0)
+        and "logits_to_keep" in inspect.signature(inner.forward).parameters
+    )  # fmt: skip
+
+
+def chunked_causal_lm_loss(model: torch.nn.Module, batch: dict, chunk_rows: int = 1024) -> tuple[torch.Tensor, int, dict]:
+    """The same loss as ``causal_lm_loss``, with the output head applied only where the next token
+    is supervised and in chunks of rows (``models.kernels.linear_cross_entropy``).
+
+    The model runs through its own forward (so Fabric's precision and DDP's hooks apply) with
+    ``logits_to_keep`` empty; the final hidden states are taken from the decoder's output.
+    """
+    inner = _unwrap(model)
+    captured = {}
+
+    def keep_hidden(module, args, output):
+        captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    handle = inner.get_decoder().register_forward_hook(keep_hidden)
+    try:
+        no_positions = torch.zeros(0, dtype=torch.long, device=batch["input_ids"].device)
+        model(**model_inputs(batch), use_cache=False, logits_to_keep=no_positions)
+    finally:
+        handle.remove()
+    targets = batch["labels"][:, 1:]
+    supervised = targets != IGNORE_INDEX
+    hidden = captured["hidden"][:, :-1][supervised]
+    weight = inner.get_output_embeddings().weight
+    loss = linear_cross_entropy(hidden, weight, targets[supervised], chunk_rows=chunk_rows)
+    return loss, int(supervised.sum()), {}
 
 
 def freeze_token_embedding(model: torch.nn.Module) -> torch.nn.Module:
@@ -48,17 +103,32 @@ class FullFinetuneSFT(TrainingOptions):
     """Longest example in tokens; see data.overlong for what happens to longer ones."""
     fix_token_embedding: bool = True
     """Freeze the input token embeddings (with tied embeddings this freezes the output head too)."""
+    packing: bool = True
+    """Padding-free batches: the examples of a batch are concatenated into one row, each attending
+    only to itself. The same examples and loss as padded batches, without compute spent on padding."""
+    chunked_loss: bool = True
+    """Apply the output head only where the next token is supervised, in chunks, so the
+    full-vocabulary logits are never materialised (false: the plain reference path)."""
+    loss_chunk_size: int = 1024
+    """Rows of logits formed at a time by the chunked loss."""
 
     def build_data(self, data_cfg, tokenizer):
         return build_datasets(data_cfg, tokenizer, self.max_length)
 
     def collate_fn(self, tokenizer):
-        return PadCollator(tokenizer.pad_token_id)
+        return PackCollator() if self.packing else PadCollator(tokenizer.pad_token_id)
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.packing:
+            use_packed_attention(model)
+        if self.chunked_loss and not supports_chunked_loss(model):
+            log.info("This model's output head does not fit the chunked loss; using the plain loss")
+            self.chunked_loss = False
         return freeze_token_embedding(model) if self.fix_token_embedding else model
 
     def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int, dict]:
+        if self.chunked_loss:
+            return chunked_causal_lm_loss(model, batch, self.loss_chunk_size)
         return causal_lm_loss(model, batch)
 
     def finalize(self, model: torch.nn.Module, output_dir, tokenizer) -> dict:

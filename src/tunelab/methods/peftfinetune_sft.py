@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 
 from tunelab.config import instantiate
-from tunelab.methods.fullfinetune_sft import FullFinetuneSFT
+from tunelab.methods.fullfinetune_sft import FullFinetuneSFT, supports_chunked_loss
 
 
 def _lora_defaults() -> dict:
@@ -45,8 +45,10 @@ class PeftFinetuneSFT(FullFinetuneSFT):
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         from peft import get_peft_model
 
-        model = super().prepare_model(model)
-        return get_peft_model(model, instantiate(_peft_node(self.peft_config)), adapter_name=self.adapter_name)
+        model = get_peft_model(super().prepare_model(model), instantiate(_peft_node(self.peft_config)), adapter_name=self.adapter_name)
+        if self.chunked_loss and not supports_chunked_loss(model):  # e.g. an adapter on the output head
+            self.chunked_loss = False
+        return model
 
     def finalize(self, model: torch.nn.Module, output_dir: Path, tokenizer) -> dict:
         if not self.merge_and_unload:
