@@ -224,9 +224,9 @@ def run_tunelab(name: str, run: dict, spec: dict) -> dict:
         from peft import PeftModel
 
         base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        model = PeftModel.from_pretrained(base, str(result.final_checkpoint / "model"))
+        model = PeftModel.from_pretrained(base, str(result.final_checkpoint))
     else:
-        model = AutoModelForCausalLM.from_pretrained(result.final_checkpoint / "model", dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(result.final_checkpoint, dtype=torch.float32)
     loss = heldout_loss(model.to(spec["device"]), load_rows(Path(spec["workdir"]) / "heldout_tokens.jsonl"), tokenizer.pad_token_id, spec["device"])
     return {**throughput(steps), "peak_memory_gib": memory, "heldout_loss": loss, "train_wall_s": wall, "steps": len(steps)}
 

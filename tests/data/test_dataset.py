@@ -255,3 +255,28 @@ def test_tokenizing_with_two_processes_gives_the_same_examples(tmp_path, tokeniz
     two, _, report = build_datasets(_cfg(tmp_path / "b", path, num_proc=2), tokenizer, max_length=256)
     assert report.train.examples == 150
     assert one["input_ids"] == two["input_ids"] and one["labels"] == two["labels"]
+
+
+def test_sampler_length_grouping_sorts_within_groups_and_keeps_every_index():
+    lengths = [(i * 37) % 101 for i in range(50)]
+    plain = list(ResumableSampler(50, shuffle=True, seed=2))
+    grouped = list(ResumableSampler(50, shuffle=True, seed=2, lengths=lengths, group_size=10))
+    assert sorted(grouped) == list(range(50))
+    for g in range(5):  # the same examples per group as the plain shuffle, longest first
+        assert sorted(grouped[10 * g : 10 * g + 10]) == sorted(plain[10 * g : 10 * g + 10])
+        group_lengths = [lengths[i] for i in grouped[10 * g : 10 * g + 10]]
+        assert group_lengths == sorted(group_lengths, reverse=True)
+
+
+def test_sampler_length_grouping_cuts_padding_and_resumes(tmp_path):
+    lengths = [(i * 37) % 101 + 1 for i in range(64)]
+
+    def padded(order, batch=4):
+        return sum(batch * max(lengths[i] for i in order[k : k + batch]) for k in range(0, len(order), batch))
+
+    plain = list(ResumableSampler(64, shuffle=True, seed=5))
+    sampler = ResumableSampler(64, shuffle=True, seed=5, lengths=lengths, group_size=32)
+    grouped = list(sampler)
+    assert padded(grouped) < 0.8 * padded(plain)
+    sampler.start = 12  # resume mid-epoch: the rest of the same grouped order
+    assert list(sampler) == grouped[12:]

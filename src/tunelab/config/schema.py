@@ -32,6 +32,9 @@ class DataConfig:
     """Shuffle the training examples every epoch (seeded by data.seed and the epoch)."""
     seed: int = 42
     """Seed of the shuffle and of the validation split."""
+    group_by_length: bool = False
+    """Put examples of similar length in the same batch (in groups of 64 batches) to cut padding;
+    it changes which examples share a step. Packing (method.packing) removes padding altogether."""
     overlong: Literal["truncate", "drop"] = "truncate"
     """What to do with an example longer than method.max_length."""
     val_fraction: float = 0.0

@@ -9,9 +9,15 @@ from torch.utils.data import Sampler
 
 
 class ResumableSampler(Sampler[int]):
-    def __init__(self, length: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1):
+    """``lengths`` (optional): group examples of similar length into the same batch, to cut
+    padding. The shuffled order is cut into groups of ``group_size`` examples, each sorted by
+    length, so batches stay random across groups but hold examples of similar length."""
+
+    def __init__(self, length: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1,
+                 lengths: list[int] | None = None, group_size: int = 0):  # fmt: skip
         self.length, self.shuffle, self.seed = length, shuffle, seed
         self.rank, self.world_size = rank, world_size
+        self.lengths, self.group_size = lengths, group_size
         self.epoch = 0
         self.start = 0  # samples of this rank's share already consumed in this epoch
 
@@ -22,9 +28,14 @@ class ResumableSampler(Sampler[int]):
 
     def _order(self) -> list[int]:
         if not self.shuffle:
-            return list(range(self.length))
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return torch.randperm(self.length, generator=generator).tolist()
+            order = list(range(self.length))
+        else:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.length, generator=generator).tolist()
+        if self.lengths is not None and self.group_size > 1:
+            groups = [order[i : i + self.group_size] for i in range(0, len(order), self.group_size)]
+            order = [i for group in groups for i in sorted(group, key=lambda i: -self.lengths[i])]
+        return order
 
     def __iter__(self):
         order = self._order()

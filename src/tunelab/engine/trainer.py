@@ -23,6 +23,7 @@ from tunelab.data import ResumableSampler, batch_tokens
 from tunelab.engine.checkpoint import TrainState, atomic_write_text, load_checkpoint, resolve_checkpoint, save_checkpoint
 from tunelab.engine.metrics import MetricsCSV, plot_loss_curve
 from tunelab.errors import TunelabError
+from tunelab.planning import estimate_run, measured_peak_gib
 from tunelab.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class RunResult:
     outputs: dict[str, Path] = field(default_factory=dict)  # e.g. {"merged": ...} from the method
     is_global_zero: bool = True
     loss_unit: str = "token"  # what supervised_tokens_per_s counts: supervised tokens, or pairs
+    estimate: dict = field(default_factory=dict)  # the memory/time estimate and what was measured
 
 
 @dataclass
@@ -161,7 +163,13 @@ def train(cfg: DictConfig) -> RunResult:
     total = sum(p.numel() for p in model.parameters())
     log.info("Parameters: %s trainable of %s (%.1f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
-    sampler = ResumableSampler(len(train_set), data_cfg.shuffle, data_cfg.seed, fabric.global_rank, fabric.world_size)
+    grouping = {}
+    if data_cfg.group_by_length:
+        if "input_ids" not in train_set.column_names:
+            raise TunelabError("data.group_by_length=true needs token-level examples (input_ids); this method's data has none.")
+        batch = method.examples_per_batch(int(method.dataloader_kwargs.get("batch_size", 1)))
+        grouping = {"lengths": [len(ids) for ids in train_set["input_ids"]], "group_size": 64 * batch * fabric.world_size}
+    sampler = ResumableSampler(len(train_set), data_cfg.shuffle, data_cfg.seed, fabric.global_rank, fabric.world_size, **grouping)
     loader = _loader(train_set, method, tokenizer, sampler)
     val_loader = None
     if val_set is not None:
@@ -179,6 +187,7 @@ def train(cfg: DictConfig) -> RunResult:
     if val_loader is not None:
         val_loader = fabric.setup_dataloaders(val_loader, use_distributed_sampler=False)
 
+    estimate = _estimate(model, method, train_set, fabric, precision, batches_per_epoch)
     state = TrainState()
     if resuming_from is not None:
         state = load_checkpoint(fabric, str(resuming_from), model=model, optimizer=optimizer, scheduler=scheduler)
@@ -197,6 +206,8 @@ def train(cfg: DictConfig) -> RunResult:
         out, config_yaml, metrics, cfg.log_every_n_steps, cfg.progress_bar and fabric.is_global_zero,
     )  # fmt: skip
     result = fit(run, state, batches_per_epoch)
+    if estimate is not None:
+        result.estimate = _check_estimate(estimate, result, fabric.device)
     result.data_report = report.as_dict()
     result.is_global_zero = fabric.is_global_zero
     result.loss_unit = getattr(method, "loss_unit", "token")
@@ -209,10 +220,40 @@ def train(cfg: DictConfig) -> RunResult:
             "supervised_tokens_per_s": result.supervised_tokens_per_s, "data": result.data_report,
             "evaluations": {str(k): v for k, v in result.evaluations.items()},
             "trainable_parameters": trainable, "total_parameters": total,
-            "outputs": {k: str(v) for k, v in result.outputs.items()},
+            "outputs": {k: str(v) for k, v in result.outputs.items()}, "estimate": result.estimate,
         }  # fmt: skip
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return result
+
+
+def _estimate(model, method, train_set, fabric, precision: str, batches_per_epoch: int):
+    """Log a memory/time estimate before the first step (token-level SFT methods)."""
+    if "labels" not in getattr(train_set, "column_names", []) or not hasattr(method, "packing") or not len(train_set):
+        return None
+    sample = train_set.shuffle(seed=0).select(range(min(len(train_set), 2000))) if len(train_set) > 2000 else train_set
+    lengths = [len(ids) for ids in sample["input_ids"]]
+    supervised = [sum(1 for t in labels[1:] if t != -100) for labels in sample["labels"]]
+    estimate = estimate_run(
+        model, precision=precision, lengths=lengths, supervised=supervised, steps=method.total_steps(batches_per_epoch),
+        batch_size=int(method.dataloader_kwargs.get("batch_size", 1)), packing=method.packing,
+        accumulate=method.accumulate_grad_batches, chunked_loss=method.chunked_loss,
+        loss_chunk_size=method.loss_chunk_size, device=fabric.device,
+    )  # fmt: skip
+    if fabric.is_global_zero:
+        log.info(estimate.describe(fabric.device.type))
+    return estimate
+
+
+def _check_estimate(estimate, result: "RunResult", device) -> dict:
+    """The estimate next to what the run measured, logged and kept for summary.json."""
+    measured_peak = measured_peak_gib(device)
+    steps = max(result.state.global_step, 1)
+    measured_step = result.train_seconds / steps if result.train_seconds else float("nan")
+    log.info(
+        "Measured: peak %.1f GiB (estimated %.1f), %.1f s per step (estimated %.1f)",
+        measured_peak, estimate.peak_gib, measured_step, estimate.seconds_per_step,
+    )
+    return {**estimate.as_dict(), "measured_peak_gib": measured_peak, "measured_seconds_per_step": measured_step}
 
 
 def _grad_norm(parameters) -> torch.Tensor:

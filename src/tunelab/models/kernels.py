@@ -68,11 +68,19 @@ def use_packed_attention(model: torch.nn.Module) -> bool:
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(hidden_i @ weight.T, target_i), with the gradient computed during the forward pass."""
+    """sum_i CE(hidden_i @ weight.T, target_i), with the gradient computed during the forward pass.
+
+    Rows go through the matmuls ``chunk_rows`` at a time; the softmax and its gradient are formed
+    in blocks of ``SOFTMAX_ROWS`` rows that stay in cache, in float32, written over the chunk's
+    logits. The weight's gradient is one matmul per chunk.
+    """
+
+    SOFTMAX_ROWS = 32
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_rows: int, compute_dtype: torch.dtype):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_grad = need_hidden or need_weight
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
@@ -81,19 +89,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for start in range(0, hidden.shape[0], chunk_rows):
                 h = hidden[start : start + chunk_rows].to(compute_dtype)
                 target = targets[start : start + chunk_rows]
-                logits = (h @ w.T).float()
-                lse = torch.logsumexp(logits, dim=-1)
-                loss += (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
-                if not (need_hidden or need_weight):
-                    continue
-                # d(sum CE)/d(logits) = softmax - one_hot(target), formed in place of the logits
-                grad = logits.sub_(lse[:, None]).exp_()
-                grad[torch.arange(len(target), device=grad.device), target] -= 1
-                grad = grad.to(compute_dtype)
+                logits = h @ w.T
+                for row in range(0, len(target), _LinearCrossEntropy.SOFTMAX_ROWS):
+                    block = slice(row, row + _LinearCrossEntropy.SOFTMAX_ROWS)
+                    x = logits[block].float()
+                    picked = x.gather(1, target[block, None]).squeeze(1)
+                    top = x.amax(dim=-1, keepdim=True)
+                    x.sub_(top).exp_()
+                    total = x.sum(dim=-1, keepdim=True)
+                    loss += (total.log() + top - picked[:, None]).sum()
+                    if need_grad:  # d(sum CE)/d(logits) = softmax - one_hot(target)
+                        x.div_(total)
+                        x[torch.arange(x.shape[0], device=x.device), target[block]] -= 1
+                        logits[block] = x
                 if need_hidden:
-                    grad_hidden[start : start + chunk_rows] = grad @ w
+                    grad_hidden[start : start + chunk_rows] = logits @ w
                 if need_weight:
-                    grad_weight += (grad.T @ h).float()
+                    grad_weight += logits.T @ h
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return loss

@@ -1,0 +1,148 @@
+"""A memory and time estimate for a run, made before it starts and checked after it ends.
+
+Memory: weights, gradients and optimizer state from the parameter counts; activations from the
+model's shape and the tokens of an average and of the largest batch; the head's logits from how
+the loss is computed (chunked over supervised tokens, or full logits for every position).
+Time: the run's floating-point operations (6 per parameter per token for full fine-tuning, 4 when
+the weights are frozen, plus attention and the head) over this device's measured matmul speed,
+at the efficiency tunelab's benchmark measured on this kind of device.
+"""
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+GiB = 2**30
+# Fraction of the measured matmul speed that whole training steps reached in bench/sft.py
+# (SmolLM2-135M, bf16 autocast, packed rows): small matrices, elementwise work and the optimizer
+# make up the rest.
+STEP_EFFICIENCY = {"cpu": 0.35, "cuda": 0.45}
+RUNTIME_OVERHEAD_GIB = {"cpu": 0.9, "cuda": 0.0}  # Python, torch, tokenizers, datasets in the process
+
+
+@dataclass
+class RunEstimate:
+    parameters: int
+    trainable: int
+    weights_gib: float
+    gradients_gib: float
+    optimizer_gib: float
+    activations_gib: float  # largest batch
+    head_gib: float
+    peak_gib: float
+    tokens_per_step: float  # mean
+    flops_per_step: float
+    matmul_tflops: float  # measured on this device, in the run's precision
+    seconds_per_step: float
+    total_seconds: float
+
+    def describe(self, device: str) -> str:
+        memory = "peak RSS" if device == "cpu" else "peak GPU memory"
+        return (
+            f"Estimate: {self.parameters / 1e6:.1f}M parameters ({self.trainable / 1e6:.1f}M trainable); weights "
+            f"{self.weights_gib:.2f} GiB, gradients {self.gradients_gib:.2f}, optimizer state {self.optimizer_gib:.2f}, "
+            f"activations {self.activations_gib:.2f} (largest batch), output head {self.head_gib:.2f}: {memory} about "
+            f"{self.peak_gib:.1f} GiB. {self.tokens_per_step:.0f} tokens per step at {self.flops_per_step / 1e12:.2f} TFLOP; "
+            f"matmuls run at {self.matmul_tflops:.2f} TFLOP/s here, so about {self.seconds_per_step:.1f} s per step, "
+            f"{_duration(self.total_seconds)} in all."
+        )
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
+
+
+def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, size: int = 1024, seconds: float = 0.3) -> float:
+    """Sustained speed of square matmuls in ``dtype`` on ``device`` (TFLOP/s)."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    (a @ b).sum().item()
+    runs, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        c = a @ b
+        runs += 1
+    c.sum().item()  # wait for the device
+    return 2 * size**3 * runs / (time.perf_counter() - started) / 1e12
+
+
+def _activation_bytes_per_token(config, compute_bytes: int) -> float:
+    """Bytes a Llama-shaped decoder layer keeps for the backward pass, per token: norms and the
+    residual stream in fp32, the projections' inputs and outputs, attention and the MLP in the
+    compute dtype."""
+    h = config.hidden_size
+    inter = getattr(config, "intermediate_size", 4 * h)
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", heads) * (h // heads)
+    fp32 = 4 * h * 4  # two norms: input and output, each
+    attention = compute_bytes * (2 * h + 2 * (h + 2 * kv) + 2 * h)  # normed input, q/k/v (+rotated), output
+    mlp = compute_bytes * (h + 5 * inter)  # normed input, gate, up, act(gate), product
+    return fp32 + attention + mlp
+
+
+def estimate_run(model, *, precision: str, lengths: list[int], supervised: list[int], batch_size: int, packing: bool,
+                 steps: int, accumulate: int, chunked_loss: bool, loss_chunk_size: int, device: torch.device) -> RunEstimate:  # fmt: skip
+    """Estimate one rank's memory and the run's time from the training examples' token counts
+    (``lengths``, ``supervised``) and the batch layout."""
+    config = getattr(model, "config", None)
+    parameters = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    weight_bytes = 2 if precision in ("bf16-true", "16-true") else 4
+    compute_bytes = 2 if precision.startswith(("bf16", "16")) else 4
+    weights = parameters * weight_bytes
+    gradients = trainable * weight_bytes
+    optimizer = 2 * trainable * 4
+    n = max(len(lengths), 1)
+    mean_length, mean_supervised = sum(lengths) / n, sum(supervised) / n
+    top = sorted(lengths, reverse=True)[:batch_size]
+    # The largest micro-batch: the longest examples packed together, or padded to the longest.
+    longest_batch = sum(top) if packing else len(top) * max(top, default=0)
+    mean_batch = batch_size * mean_length  # real tokens per micro-batch
+    hidden = getattr(config, "hidden_size", 0)
+    vocab = getattr(config, "vocab_size", 0)
+    layers = getattr(config, "num_hidden_layers", 0)
+    activations = layers * longest_batch * _activation_bytes_per_token(config, compute_bytes) if config is not None else 0.0
+    # The head: chunked, one chunk of fp32 logits and its gradient; otherwise the full logits of the
+    # largest batch in the compute dtype, in fp32 for the loss, and their gradient.
+    most_supervised = sum(sorted(supervised, reverse=True)[:batch_size])
+    head_rows = min(loss_chunk_size, most_supervised) if chunked_loss else longest_batch
+    head = head_rows * vocab * ((4 + compute_bytes) if chunked_loss else (compute_bytes + 4 + 4))
+    kind = device.type if device.type in STEP_EFFICIENCY else "cpu"
+    peak = weights + gradients + optimizer + activations + head + RUNTIME_OVERHEAD_GIB[kind] * GiB
+
+    # FLOPs per token: body matmuls at 2 per parameter forward and 4 backward when the weights
+    # train (2 when only activations need gradients); causal attention over the example (padded:
+    # over the padded row); the head on the tokens it covers, 6 per head parameter.
+    embedding = vocab * hidden
+    body = max(parameters - embedding * (1 if getattr(config, "tie_word_embeddings", False) else 2), 0)
+    per_token = (6 if trainable > 0.5 * parameters else 4) * body
+    if packing:
+        computed, context = mean_batch, mean_length
+    else:  # padded to the longest of each batch (taken in order, a fair sample when shuffled)
+        batches = [lengths[i : i + batch_size] for i in range(0, len(lengths), batch_size)] or [[0]]
+        computed = sum(len(b) * max(b) for b in batches) / len(batches)
+        context = computed / batch_size
+    attention = 6 * layers * hidden * context
+    head_tokens = batch_size * mean_supervised if chunked_loss else computed
+    flops_per_step = accumulate * (computed * (per_token + attention) + head_tokens * 6 * embedding)
+    dtype = torch.bfloat16 if compute_bytes == 2 else torch.float32
+    tflops = measure_matmul_tflops(device, dtype)
+    seconds = flops_per_step / (tflops * 1e12 * STEP_EFFICIENCY[kind])
+    return RunEstimate(
+        parameters, trainable, weights / GiB, gradients / GiB, optimizer / GiB, activations / GiB, head / GiB, peak / GiB,
+        mean_batch * accumulate, flops_per_step, tflops, seconds, seconds * steps,
+    )  # fmt: skip
+
+
+def measured_peak_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / GiB
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
