@@ -36,15 +36,20 @@ RUNS = {
     "trl-packed": {"kind": "trl", "precision": "bf16", "packing": True, "about": "TRL SFTTrainer, packing + padding-free, bf16"},
     "trl-lora": {"kind": "trl", "precision": "bf16", "lora": True, "about": "TRL SFTTrainer + peft LoRA, bf16"},
     "trl-lora-fp32": {"kind": "trl", "precision": "fp32", "lora": True, "about": "TRL SFTTrainer + peft LoRA, fp32"},
-    "tunelab-reference": {"kind": "tunelab", "overrides": ["fabric.precision=bf16-mixed", "method.packing=false", "method.chunked_loss=false"],
-                          "about": "tunelab's plain path: padded batches, full logits, bf16 autocast"},
+    "tunelab-reference": {"kind": "tunelab", "overrides": ["fabric.precision=bf16-mixed", "method.packing=false", "method.chunked_loss=false",
+                                                        "method.fused_kernels=false", "cpu_allocator=system"],
+                          "about": "tunelab's plain path: padded batches, full logits, transformers' modules, bf16 autocast"},
     "tunelab-fp32": {"kind": "tunelab", "overrides": ["fabric.precision=32-true"], "about": "tunelab defaults but fp32"},
     "tunelab-nopack": {"kind": "tunelab", "overrides": ["method.packing=false"], "about": "tunelab defaults without packing"},
-    "tunelab": {"kind": "tunelab", "overrides": [], "about": "tunelab defaults (packing, chunked supervised-only loss, bf16 autocast)"},
+    "tunelab-nochunk": {"kind": "tunelab", "overrides": ["method.chunked_loss=false"], "about": "tunelab defaults with full logits"},
+    "tunelab-nofused": {"kind": "tunelab", "overrides": ["method.fused_kernels=false"], "about": "tunelab defaults without fused RMSNorm/SwiGLU"},
+    "tunelab-sysalloc": {"kind": "tunelab", "overrides": ["cpu_allocator=system"], "about": "tunelab defaults with glibc malloc untuned"},
+    "tunelab": {"kind": "tunelab", "overrides": [],
+                "about": "tunelab defaults: packing, chunked supervised-only loss, fused RMSNorm/SwiGLU, tuned allocator, bf16 autocast"},
     "tunelab-lora": {"kind": "tunelab", "lora": True, "overrides": [], "about": "tunelab LoRA, defaults"},
 }
-DEFAULT_RUNS = ["hf-fp32", "hf-bf16", "trl-default", "trl-packed", "trl-lora",
-                "tunelab-reference", "tunelab-nopack", "tunelab", "tunelab-lora"]  # fmt: skip
+DEFAULT_RUNS = ["tunelab", "tunelab-lora", "hf-fp32", "hf-bf16", "trl-default", "trl-packed", "trl-lora",
+                "tunelab-reference", "tunelab-nopack", "tunelab-nofused", "tunelab-sysalloc"]  # fmt: skip
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODEL_CONFIGS = {  # random-init Llama shapes for the GPU configuration
     "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},

@@ -236,3 +236,13 @@ def test_summary_records_the_estimate_next_to_what_the_run_measured(tmp_path):
     assert estimate["parameters"] == estimate["trainable"] > 0  # full fine-tuning, embeddings not frozen
     assert estimate["peak_gib"] > 0 and estimate["seconds_per_step"] > 0
     assert estimate["measured_peak_gib"] > 0 and estimate["measured_seconds_per_step"] > 0
+
+
+def test_logged_grad_norm_is_measured_before_clipping(tmp_path):
+    """The logged norm is the gradient's own, not the clipped one (which never exceeds the limit)."""
+    import csv
+
+    result = run(tmp_path / "o", "method.max_steps=2", "method.gradient_clip_val=1e-3", "method.optimizer.lr=1e-3")
+    with open(result.metrics_csv) as f:
+        norms = [float(r["train/grad_norm"]) for r in csv.DictReader(f) if r["train/grad_norm"]]
+    assert len(norms) == 2 and min(norms) > 1e-2

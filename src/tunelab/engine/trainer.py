@@ -23,6 +23,7 @@ from tunelab.data import ResumableSampler, batch_tokens
 from tunelab.engine.checkpoint import TrainState, atomic_write_text, load_checkpoint, resolve_checkpoint, save_checkpoint
 from tunelab.engine.metrics import MetricsCSV, plot_loss_curve
 from tunelab.errors import TunelabError
+from tunelab.engine.allocator import tune_cpu_allocator
 from tunelab.planning import estimate_run, measured_peak_gib
 from tunelab.progress import progress_bar
 
@@ -140,6 +141,8 @@ def train(cfg: DictConfig) -> RunResult:
             "method.save_ckpt_type=lightning (Fabric's sharded checkpoint), or fabric=ddp for hf/peft folders."
         )
     fabric.launch()
+    if fabric.device.type == "cpu" and cfg.get("cpu_allocator", "tuned") == "tuned":
+        tune_cpu_allocator()
     fabric.seed_everything(cfg.seed, verbose=False)
 
     pool = instantiate(cfg.modelpool)
@@ -261,6 +264,16 @@ def _grad_norm(parameters) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.tensor(0.0)
 
 
+def _clip_gradients(fabric, model, optimizer, method) -> float:
+    """Clip the gradients as configured; return their total norm before clipping."""
+    if method.gradient_clip_val is not None and method.gradient_clip_algorithm == "norm":
+        return float(fabric.clip_gradients(model, optimizer, max_norm=method.gradient_clip_val))
+    norm = _grad_norm(p for p in model.parameters() if p.requires_grad).item()
+    if method.gradient_clip_val is not None:
+        fabric.clip_gradients(model, optimizer, clip_val=method.gradient_clip_val)
+    return norm
+
+
 def fit(run: Run, state: TrainState, batches_per_epoch: int) -> RunResult:
     """The training loop. Reads top to bottom: one optimizer step per iteration."""
     fabric, method, model, optimizer = run.fabric, run.method, run.model, run.optimizer
@@ -332,12 +345,7 @@ def fit(run: Run, state: TrainState, batches_per_epoch: int) -> RunResult:
                     f"stopped before applying that update, and {where}. Lower method.optimizer.lr, set "
                     "method.gradient_clip_val=1.0, or check the data for broken examples."
                 )
-            if method.gradient_clip_val is not None:
-                if method.gradient_clip_algorithm == "norm":
-                    fabric.clip_gradients(model, optimizer, max_norm=method.gradient_clip_val)
-                else:
-                    fabric.clip_gradients(model, optimizer, clip_val=method.gradient_clip_val)
-            grad_norm = _grad_norm(p for p in model.parameters() if p.requires_grad).item()
+            grad_norm = _clip_gradients(fabric, model, optimizer, method)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.global_step += 1

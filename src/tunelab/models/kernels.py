@@ -28,14 +28,12 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
-    groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1:  # grouped-query attention: share each key/value head across its query heads
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
+    gqa = query.shape[1] != key.shape[1]  # grouped-query attention: sdpa shares each key/value head itself
     bounds = cu_seq_lens_q.tolist()
     outputs = [
         F.scaled_dot_product_attention(
-            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], dropout_p=dropout, scale=scaling, is_causal=True
+            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], dropout_p=dropout, scale=scaling,
+            is_causal=True, enable_gqa=gqa,
         )
         for start, end in zip(bounds[:-1], bounds[1:])
         if end > start
@@ -134,3 +132,106 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if hidden.shape[0] == 0:
         return (hidden.sum() + weight.sum()) * 0.0  # keeps the graph (and DDP) whole when nothing is supervised
     return _LinearCrossEntropy.apply(hidden, weight, targets, max(1, chunk_rows), compute_dtype)
+
+
+# ----------------------------------------------------------------------------- RMSNorm and SwiGLU
+# transformers computes RMSNorm and SwiGLU as chains of small ops, each of which keeps its input
+# for the backward pass: per token and layer, two float32 copies of the hidden state per norm,
+# one bf16 copy per projection that reads a norm's output (the autocast casts are not shared),
+# and four intermediate MLP tensors. The two ops below give the same forward values and keep
+# only their inputs, recomputing the rest in the backward pass (a few elementwise passes).
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return torch.result_type(x, weight)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """weight * (x / rms(x)), computed in float32 as transformers' Llama does, returned in the
+    dtype its consumers compute in (the autocast dtype, when autocast is on), so the q/k/v (or
+    gate/up) projections share one saved copy. Keeps x and 1/rms(x) for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float, out_dtype: torch.dtype):
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        normed = (x32 * rstd).to(x.dtype)
+        ctx.save_for_backward(x, rstd, weight)
+        return (weight * normed).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, rstd, weight = ctx.saved_tensors
+        normed = x.float() * rstd
+        grad_out = grad_out.float()
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_out * normed.to(x.dtype).float()).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_normed = grad_out * weight.float()
+            grad_x = (rstd * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))).to(x.dtype)
+        return grad_x, grad_weight, None, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _RMSNorm.apply(x, weight, eps, _compute_dtype(x, weight))
+
+
+class _SiluMul(torch.autograd.Function):
+    """silu(gate) * up, keeping only gate and up (the MLP's projections' outputs)."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate, up = ctx.saved_tensors
+        g, grad = gate.float(), grad_out.float()
+        sigmoid = torch.sigmoid(g)
+        silu = g * sigmoid
+        grad_up = (grad * silu).to(up.dtype)
+        grad_gate = (grad * up.float() * sigmoid * (1 + g * (1 - sigmoid))).to(gate.dtype)
+        return grad_gate, grad_up
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return _SiluMul.apply(gate, up)
+
+
+def _norm_forward(self, hidden_states):
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _swiglu_forward(self, x):
+    return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+def _is_llama_rms_norm(module: torch.nn.Module) -> bool:
+    # weight * x / rms(x) with a plain scale; Gemma-style norms (scale 1 + weight) are left alone.
+    name = type(module).__name__
+    return name.endswith("RMSNorm") and "Gemma" not in name and hasattr(module, "variance_epsilon") and getattr(module, "weight", None) is not None
+
+
+def _is_swiglu_mlp(module: torch.nn.Module) -> bool:
+    act = type(getattr(module, "act_fn", None)).__name__
+    return all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")) and act in ("SiLU", "SiLUActivation")
+
+
+def use_fused_norm_and_mlp(model: torch.nn.Module) -> int:
+    """Route the model's RMSNorm and SwiGLU MLP modules through ``rms_norm`` and ``silu_mul``
+    (the modules, their weights and state-dict keys stay as they are). Returns how many modules
+    were switched; models with other norms or activations are left unchanged."""
+    switched = 0
+    for module in model.modules():
+        if _is_llama_rms_norm(module):
+            module.forward = _norm_forward.__get__(module)
+            switched += 1
+        elif _is_swiglu_mlp(module):
+            module.forward = _swiglu_forward.__get__(module)
+            switched += 1
+    return switched
