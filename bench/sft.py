@@ -125,7 +125,9 @@ def run_peer(name: str, run: dict, spec: dict) -> dict:
         def wrapper(features):
             batch = collate(features)
             tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
-            counts.append({"tokens": tokens, "supervised": int((batch["labels"][:, 1:] != -100).sum()), "examples": len(features)})
+            # Padding-free packed rows (TRL packing) hold several examples: count them by where positions restart.
+            examples = int((batch["position_ids"] == 0).sum()) if "position_ids" in batch else len(features)
+            counts.append({"tokens": tokens, "supervised": int((batch["labels"][:, 1:] != -100).sum()), "examples": examples})
             return batch
         return wrapper
 

@@ -241,6 +241,7 @@ def _estimate(model, method, train_set, fabric, precision: str, batches_per_epoc
         batch_size=int(method.dataloader_kwargs.get("batch_size", 1)), packing=method.packing,
         accumulate=method.accumulate_grad_batches, chunked_loss=method.chunked_loss,
         loss_chunk_size=method.loss_chunk_size, device=fabric.device,
+        fused_kernels=getattr(method, "fused_kernels", False),
     )  # fmt: skip
     if fabric.is_global_zero:
         log.info(estimate.describe(fabric.device.type))
