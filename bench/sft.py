@@ -43,6 +43,7 @@ RUNS = {
     "tunelab-nopack": {"kind": "tunelab", "overrides": ["method.packing=false"], "about": "tunelab defaults without packing"},
     "tunelab-nochunk": {"kind": "tunelab", "overrides": ["method.chunked_loss=false"], "about": "tunelab defaults with full logits"},
     "tunelab-nofused": {"kind": "tunelab", "overrides": ["method.fused_kernels=false"], "about": "tunelab defaults without fused RMSNorm/SwiGLU"},
+    "tunelab-compile": {"kind": "tunelab", "overrides": ["method.compile=true"], "about": "tunelab defaults plus torch.compile of the decoder layers"},
     "tunelab-sysalloc": {"kind": "tunelab", "overrides": ["cpu_allocator=system"], "about": "tunelab defaults with glibc malloc untuned"},
     "tunelab": {"kind": "tunelab", "overrides": [],
                 "about": "tunelab defaults: packing, chunked supervised-only loss, fused RMSNorm/SwiGLU, tuned allocator, bf16 autocast"},

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from tunelab.data import IGNORE_INDEX, PackCollator, PadCollator, build_datasets
 from tunelab.engine.options import TrainingOptions
-from tunelab.models.kernels import linear_cross_entropy, use_fused_norm_and_mlp, use_packed_attention
+from tunelab.models.kernels import compile_decoder_layers, linear_cross_entropy, use_fused_norm_and_mlp, use_packed_attention
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,10 @@ class FullFinetuneSFT(TrainingOptions):
     """RMSNorm and the SwiGLU MLP as single autograd ops that keep only their inputs for the
     backward pass (same forward values, about a third less activation memory on Llama-shaped
     models); false: transformers' own modules."""
+    compile: bool = False
+    """torch.compile the decoder layers before training. On 2 CPU cores (SmolLM2, packed rows):
+    about a minute of compiling in the first steps for a few percent per step, so off by default;
+    worth trying on GPUs and long runs."""
 
     def build_data(self, data_cfg, tokenizer):
         return build_datasets(data_cfg, tokenizer, self.max_length)
@@ -127,6 +131,8 @@ class FullFinetuneSFT(TrainingOptions):
             use_packed_attention(model)
         if self.fused_kernels:
             log.info("Fused RMSNorm/SwiGLU in %d modules", use_fused_norm_and_mlp(model))
+        if self.compile:
+            log.info("torch.compile on %d modules (compiled at the first steps)", compile_decoder_layers(model))
         if self.chunked_loss and not supports_chunked_loss(model):
             log.info("This model's output head does not fit the chunked loss; using the plain loss")
             self.chunked_loss = False

@@ -235,3 +235,13 @@ def use_fused_norm_and_mlp(model: torch.nn.Module) -> int:
             module.forward = _swiglu_forward.__get__(module)
             switched += 1
     return switched
+
+
+def compile_decoder_layers(model: torch.nn.Module) -> int:
+    """torch.compile each decoder layer in place (dynamic shapes, so packed rows of any length
+    reuse one graph; state-dict keys stay as they are). Models without recognisable decoder
+    layers are compiled whole. Returns how many modules were compiled."""
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    for layer in layers or [model]:
+        layer.compile(dynamic=True)
+    return len(layers) or 1
