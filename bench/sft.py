@@ -7,7 +7,7 @@ non-pad tokens/s and supervised tokens/s (both measured after the first, warm-up
 process's peak RSS (GPU: peak allocated memory) and the held-out loss after training, computed by
 one shared fp32 function for every trainer.
 
-    python bench/sft.py                    # the default set of runs (see RUNS), about 40 min on 2 cores
+    python bench/sft.py                    # the default set of runs (see DEFAULT_RUNS), about 45 min on 2 cores
     python bench/sft.py --runs hf-bf16,tunelab --steps 4
     python bench/sft.py --device cuda --model-config 1b    # the GPU configuration (random-init 1B Llama)
 
