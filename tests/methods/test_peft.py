@@ -98,3 +98,49 @@ def test_lora_resume_is_exact_with_adapter_only_checkpoints(base_model, tmp_path
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_adapters_under_autocast_keep_no_extra_input_copies_and_compute_the_same():
+    """Skipping peft's input cast under autocast changes no number and keeps less for backward."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunelab.methods.peftfinetune_sft import adapters_follow_autocast
+    from tunelab.models.kernels import use_fused_norm_and_mlp
+
+    def lora_model():
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+        base = LlamaForCausalLM(config)
+        use_fused_norm_and_mlp(base)  # as in training: the norms hand bf16 to the projections
+        model = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)  # a trained adapter, so its gradients reach lora_A
+        return model
+
+    plain, ours = lora_model(), lora_model()
+    assert adapters_follow_autocast(ours) == 14
+    ids = torch.randint(0, 320, (1, 300), generator=torch.Generator().manual_seed(0))
+    results = []
+    for model in (plain, ours):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads, sum(storages.values())))
+        assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled"))
+    (loss_a, grads_a, saved_a), (loss_b, grads_b, saved_b) = results
+    assert loss_b == loss_a
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, atol=0, rtol=0, msg=name)
+    assert saved_b < 0.9 * saved_a, (saved_b, saved_a)
+    with torch.no_grad():  # without autocast the adapters still cast (fp32 here: nothing to do)
+        torch.testing.assert_close(ours(input_ids=ids).logits, plain(input_ids=ids).logits)

@@ -27,6 +27,31 @@ def _peft_node(node: dict) -> dict:
     return node
 
 
+def adapters_follow_autocast(model: torch.nn.Module) -> int:
+    """peft casts each adapter's input to the adapter's dtype (float32) before the adapter runs;
+    under autocast the adapter's matmul casts it straight back, so each adapted projection keeps
+    one more copy of its input for the backward pass. While autocast is on (checked at every
+    forward), skip that cast: the same values, and the adapters share the projection's saved input.
+    Returns how many adapter layers this applies to."""
+    layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    if not layers:
+        return 0
+    device_type = next(model.parameters()).device.type
+
+    def before(module, args, kwargs):
+        autocast = torch.is_autocast_enabled(device_type)
+        for layer in layers:
+            layer.cast_input_dtype_enabled = not autocast
+
+    def after(module, args, kwargs, output):
+        for layer in layers:
+            layer.cast_input_dtype_enabled = True
+
+    model.register_forward_pre_hook(before, with_kwargs=True)
+    model.register_forward_hook(after, with_kwargs=True)
+    return len(layers)
+
+
 @dataclass
 class PeftFinetuneSFT(FullFinetuneSFT):
     """SFT that trains only an adapter from the ``peft`` library; the base weights stay frozen."""
@@ -48,6 +73,8 @@ class PeftFinetuneSFT(FullFinetuneSFT):
         model = get_peft_model(super().prepare_model(model), instantiate(_peft_node(self.peft_config)), adapter_name=self.adapter_name)
         if self.chunked_loss and not supports_chunked_loss(model):  # e.g. an adapter on the output head
             self.chunked_loss = False
+        if self.fused_kernels:
+            adapters_follow_autocast(model)
         return model
 
     def finalize(self, model: torch.nn.Module, output_dir: Path, tokenizer) -> dict:
