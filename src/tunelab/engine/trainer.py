@@ -20,10 +20,10 @@ from torch.utils.data import DataLoader
 
 from tunelab.config import DataConfig, instantiate, replace_placeholder, validate_config
 from tunelab.data import ResumableSampler, batch_tokens
+from tunelab.engine.allocator import tune_cpu_allocator
 from tunelab.engine.checkpoint import TrainState, atomic_write_text, load_checkpoint, resolve_checkpoint, save_checkpoint
 from tunelab.engine.metrics import MetricsCSV, plot_loss_curve
 from tunelab.errors import TunelabError
-from tunelab.engine.allocator import tune_cpu_allocator
 from tunelab.planning import estimate_run, measured_peak_gib
 from tunelab.progress import progress_bar
 

@@ -36,10 +36,9 @@ def adapters_follow_autocast(model: torch.nn.Module) -> int:
     layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
     if not layers:
         return 0
-    device_type = next(model.parameters()).device.type
 
-    def before(module, args, kwargs):
-        autocast = torch.is_autocast_enabled(device_type)
+    def before(module, args, kwargs):  # the device is read here: Fabric moves the model after this setup
+        autocast = torch.is_autocast_enabled(next(module.parameters()).device.type)
         for layer in layers:
             layer.cast_input_dtype_enabled = not autocast
 
