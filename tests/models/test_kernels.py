@@ -171,3 +171,73 @@ def test_fused_norm_and_mlp_match_transformers_and_keep_less_for_backward():
     long_row = pack_collate(examples((300, 200, 250)))  # enough tokens for activations to outweigh the weights
     long_inputs = {k: long_row[k] for k in ("input_ids", "position_ids", "cu_seq_lens_q")}
     assert _saved_bytes(fused, long_inputs) < 0.8 * _saved_bytes(reference, long_inputs)
+
+
+def _sdpa_segments(q, k, v, bounds):
+    return torch.cat(
+        [torch.nn.functional.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True, enable_gqa=True)
+         for s, e in zip(bounds[:-1], bounds[1:]) if e > s], dim=2,
+    ).transpose(1, 2)  # fmt: skip
+
+
+def test_segment_attention_matches_sdpa_per_segment():
+    """The CPU packed-attention kernel: same outputs and gradients as PyTorch's sdpa run on each
+    segment (fp32), grouped-query heads, a one-token and an empty segment included; under bf16
+    autocast it computes in bf16 and is no further from fp32 than sdpa's own bf16 path."""
+    from tunelab.models.kernels import segment_attention
+
+    torch.manual_seed(0)
+    bounds = [0, 5, 17, 18, 18, 40]
+    q, k, v = (torch.randn(1, heads, 40, 16, requires_grad=True) for heads in (6, 2, 2))
+    grad_out = torch.randn(1, 40, 6, 16)
+
+    def run(fn, autocast=False):
+        for t in (q, k, v):
+            t.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fn(q, k, v, bounds)
+        out.float().backward(grad_out)
+        return out, [out.detach().float()] + [t.grad.clone() for t in (q, k, v)]
+
+    _, exact = run(_sdpa_segments)
+    out, ours = run(segment_attention)
+    assert out.shape == (1, 40, 6, 16) and out.is_contiguous()
+    for a, b in zip(ours, exact):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    out, ours = run(segment_attention, autocast=True)
+    _, theirs = run(_sdpa_segments, autocast=True)
+    assert out.dtype == torch.bfloat16
+    for a, b, ref in zip(ours, theirs, exact):
+        assert (a - ref).norm() <= 1.5 * (b - ref).norm() + 1e-3 * ref.norm()
+
+
+def test_packed_rows_use_the_segment_kernel_on_cpu(monkeypatch):
+    import tunelab.models.kernels as kernels
+
+    calls = []
+    real = kernels.segment_attention
+    monkeypatch.setattr(kernels, "segment_attention", lambda *a, **kw: calls.append(a[3]) or real(*a, **kw))
+    _, packed = tiny_pair()
+    row = pack_collate(examples())
+    packed(input_ids=row["input_ids"], position_ids=row["position_ids"], cu_seq_lens_q=row["cu_seq_lens_q"], use_cache=False)
+    assert calls == [row["cu_seq_lens_q"].tolist()] * TINY["num_hidden_layers"]
+
+
+def test_rotary_in_compute_dtype_only_under_autocast():
+    """cos/sin reach attention in bf16 under autocast (fp32 otherwise), and the model's bf16
+    logits stay as close to its fp32 logits as transformers' own bf16 path."""
+    from tunelab.models.kernels import rotary_in_compute_dtype
+
+    reference, ours = tiny_pair()
+    assert rotary_in_compute_dtype(ours) == 1
+    x, positions = torch.randn(1, 4, TINY["hidden_size"]), torch.arange(4)[None]
+    assert ours.model.rotary_emb(x, positions)[0].dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ours.model.rotary_emb(x, positions)[0].dtype == torch.bfloat16
+    row = pack_collate(examples())
+    inputs = {k: row[k] for k in ("input_ids", "position_ids", "cu_seq_lens_q")}
+    with torch.no_grad():
+        exact = reference(**inputs, use_cache=False).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            theirs, mine = (m(**inputs, use_cache=False).logits.float() for m in (reference, ours))
+    assert (mine - exact).norm() <= 1.5 * (theirs - exact).norm() + 1e-3 * exact.norm()

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 
 from tunelab.data import IGNORE_INDEX, PackCollator, PadCollator, build_datasets
 from tunelab.engine.options import TrainingOptions
-from tunelab.models.kernels import compile_decoder_layers, linear_cross_entropy, use_fused_norm_and_mlp, use_packed_attention
+from tunelab.models.kernels import (
+    compile_decoder_layers, linear_cross_entropy, rotary_in_compute_dtype, use_fused_norm_and_mlp, use_packed_attention,
+)
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +116,7 @@ class FullFinetuneSFT(TrainingOptions):
     fused_kernels: bool = True
     """RMSNorm and the SwiGLU MLP as single autograd ops that keep only their inputs for the
     backward pass (same forward values, about a third less activation memory on Llama-shaped
-    models); false: transformers' own modules."""
+    models), and rotary embeddings applied in the autocast dtype; false: transformers' own modules."""
     compile: bool = False
     """torch.compile the decoder layers before training. On 2 CPU cores (SmolLM2, packed rows):
     about a minute of compiling in the first steps for a few percent per step, so off by default;
@@ -131,6 +133,7 @@ class FullFinetuneSFT(TrainingOptions):
             use_packed_attention(model)
         if self.fused_kernels:
             log.info("Fused RMSNorm/SwiGLU in %d modules", use_fused_norm_and_mlp(model))
+            rotary_in_compute_dtype(model)
         if self.compile:
             log.info("torch.compile on %d modules (compiled at the first steps)", compile_decoder_layers(model))
         if self.chunked_loss and not supports_chunked_loss(model):

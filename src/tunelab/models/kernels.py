@@ -28,8 +28,12 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
-    gqa = query.shape[1] != key.shape[1]  # grouped-query attention: sdpa shares each key/value head itself
     bounds = cu_seq_lens_q.tolist()
+    segments_cover_row = bounds[0] == 0 and bounds[-1] == query.shape[2]
+    plain = not (dropout and module.training) and getattr(module, "sliding_window", None) is None
+    if query.device.type == "cpu" and plain and segments_cover_row:
+        return segment_attention(query, key, value, bounds, scaling), None
+    gqa = query.shape[1] != key.shape[1]  # grouped-query attention: sdpa shares each key/value head itself
     outputs = [
         F.scaled_dot_product_attention(
             query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], dropout_p=dropout, scale=scaling,
@@ -39,6 +43,77 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
         if end > start
     ]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+# On CPU, PyTorch's flash attention is slow for what packed rows hold (many short causal segments
+# of 64-dim heads): on SmolLM2 rows of ~220-token examples, it spends 1.9 s per step in forward and
+# backward where the three batched matmuls per segment below take 1.2 s. Per segment and key/value
+# head, the query heads that share it are stacked into one matrix, so each segment is a handful of
+# bmm calls in the compute dtype with one fused softmax; the backward pass recomputes the softmax
+# (nothing of size segment^2 is kept between the passes).
+
+
+class _SegmentAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, key, value, bounds: list[int], scale: float):
+        _, q_heads, tokens, head_dim = query.shape
+        kv_heads = key.shape[1]
+        out = query.new_empty(1, tokens, q_heads, head_dim)
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            if end > start:
+                probs = _segment_probs(query, key, start, end, scale)
+                seg = torch.bmm(probs, value[0, :, start:end])  # kv heads, (group, len), head_dim
+                out[0, start:end] = seg.view(q_heads, end - start, head_dim).transpose(0, 1)
+        ctx.save_for_backward(query, key, value)
+        ctx.bounds, ctx.scale, ctx.kv_heads = bounds, scale, kv_heads
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value = ctx.saved_tensors
+        _, q_heads, _, head_dim = query.shape
+        kv_heads, scale = ctx.kv_heads, ctx.scale
+        grad_q, grad_k, grad_v = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+        for start, end in zip(ctx.bounds[:-1], ctx.bounds[1:]):
+            if end == start:
+                continue
+            n = end - start
+            probs = _segment_probs(query, key, start, end, scale)
+            grad_seg = grad_out[0, start:end].transpose(0, 1).reshape(kv_heads, -1, head_dim)
+            grad_v[0, :, start:end] = torch.bmm(probs.transpose(1, 2), grad_seg)
+            grad_probs = torch.bmm(grad_seg, value[0, :, start:end].transpose(1, 2))
+            grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+            grad_q[0, :, start:end] = (torch.bmm(grad_scores, key[0, :, start:end]) * scale).view(q_heads, n, head_dim)
+            queries = query[0, :, start:end].reshape(kv_heads, -1, head_dim)
+            grad_k[0, :, start:end] = torch.bmm(grad_scores.transpose(1, 2), queries) * scale
+        return grad_q, grad_k, grad_v, None, None
+
+
+_future = {}  # device -> bool matrix, True above the diagonal (positions a causal query cannot see)
+
+
+def _segment_probs(query, key, start: int, end: int, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) of one causal segment: (kv heads, group * len, len)."""
+    n, kv_heads, head_dim = end - start, key.shape[1], query.shape[-1]
+    queries = query[0, :, start:end].reshape(kv_heads, -1, head_dim)  # the q heads sharing a kv head, stacked
+    scores = torch.baddbmm(queries.new_empty(()), queries, key[0, :, start:end].transpose(1, 2), beta=0.0, alpha=scale)
+    mask = _future.get(query.device)
+    if mask is None or mask.shape[0] < n:
+        mask = _future[query.device] = torch.ones(n, n, dtype=torch.bool, device=query.device).triu(1)
+    scores.view(kv_heads, -1, n, n).masked_fill_(mask[:n, :n], float("-inf"))
+    return torch.softmax(scores, -1)
+
+
+def segment_attention(query, key, value, bounds: list[int], scaling: float | None = None) -> torch.Tensor:
+    """Causal attention within each ``bounds[i]:bounds[i+1]`` token range of one packed row.
+    query (1, q_heads, tokens, head_dim), key/value (1, kv_heads, tokens, head_dim) with q_heads a
+    multiple of kv_heads; returns (1, tokens, q_heads, head_dim) as transformers' attention
+    functions do. Under autocast it computes in the autocast dtype, like sdpa."""
+    device = query.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    with torch.autocast(device, enabled=False):
+        return _SegmentAttention.apply(query.to(dtype), key.to(dtype), value.to(dtype), bounds, scale)
 
 
 def register_packed_attention() -> str:
@@ -73,7 +148,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     logits. The weight's gradient is one matmul per chunk.
     """
 
-    SOFTMAX_ROWS = 32
+    SOFTMAX_ROWS = 8  # 8 rows of a 49k vocabulary in float32 are 1.5 MiB: they stay in L2 (32 rows did not)
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_rows: int, compute_dtype: torch.dtype):
@@ -235,6 +310,28 @@ def use_fused_norm_and_mlp(model: torch.nn.Module) -> int:
             module.forward = _swiglu_forward.__get__(module)
             switched += 1
     return switched
+
+
+def _rotary_to_compute_dtype(module, args, output):
+    cos, sin = output
+    device = cos.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return cos.to(dtype), sin.to(dtype)
+    return None
+
+
+def rotary_in_compute_dtype(model: torch.nn.Module) -> int:
+    """Under autocast, hand the rotary embedding's cos/sin to the attention layers in the autocast
+    dtype. transformers returns them in the dtype of the embeddings (float32), so q*cos + rot(q)*sin
+    ran in float32 on bf16 queries and keys, and sdpa cast the results back: two float32 passes and
+    an extra saved copy per layer. Returns how many rotary modules were hooked."""
+    hooked = 0
+    for module in model.modules():
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            module.register_forward_hook(_rotary_to_compute_dtype)
+            hooked += 1
+    return hooked
 
 
 def compile_decoder_layers(model: torch.nn.Module) -> int:
