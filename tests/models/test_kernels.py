@@ -241,3 +241,33 @@ def test_rotary_in_compute_dtype_only_under_autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             theirs, mine = (m(**inputs, use_cache=False).logits.float() for m in (reference, ours))
     assert (mine - exact).norm() <= 1.5 * (theirs - exact).norm() + 1e-3 * exact.norm()
+
+
+class _AutocastForward(torch.nn.Module):
+    """Autocast around the model's forward only, as Fabric's bf16-mixed module wrapper does."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.module(**kwargs)
+
+
+def test_chunked_loss_head_runs_in_the_forwards_precision(monkeypatch):
+    """Bug: with autocast around the forward only (Fabric), the head ran in float32."""
+    import tunelab.models.kernels as kernels
+
+    _, packed = tiny_pair()
+    batch = pack_collate(examples())
+    dtypes = []
+    apply = kernels._LinearCrossEntropy.apply
+    monkeypatch.setattr(kernels._LinearCrossEntropy, "apply", lambda *a: dtypes.append(a[-1]) or apply(*a))
+    wrapped, _, _ = chunked_causal_lm_loss(_AutocastForward(packed), batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        everywhere, _, _ = chunked_causal_lm_loss(packed, batch)
+    plain, _, _ = chunked_causal_lm_loss(packed, batch)
+    assert dtypes == [torch.bfloat16, torch.bfloat16, torch.float32]
+    torch.testing.assert_close(wrapped, everywhere, atol=0, rtol=0)
+    assert wrapped != plain

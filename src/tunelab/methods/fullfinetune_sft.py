@@ -67,13 +67,17 @@ def chunked_causal_lm_loss(model: torch.nn.Module, batch: dict, chunk_rows: int 
     is supervised and in chunks of rows (``models.kernels.linear_cross_entropy``).
 
     The model runs through its own forward (so Fabric's precision and DDP's hooks apply) with
-    ``logits_to_keep`` empty; the final hidden states are taken from the decoder's output.
+    ``logits_to_keep`` empty; the final hidden states are taken from the decoder's output. The head
+    runs in the precision the forward ran in: Fabric's autocast covers only the model's forward,
+    so it is read inside it (outside, a bf16-mixed run would compute the head in float32).
     """
     inner = _unwrap(model)
     captured = {}
 
     def keep_hidden(module, args, output):
         captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        device = captured["hidden"].device.type
+        captured["dtype"] = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
     handle = inner.get_decoder().register_forward_hook(keep_hidden)
     try:
@@ -85,7 +89,7 @@ def chunked_causal_lm_loss(model: torch.nn.Module, batch: dict, chunk_rows: int 
     supervised = targets != IGNORE_INDEX
     hidden = captured["hidden"][:, :-1][supervised]
     weight = inner.get_output_embeddings().weight
-    loss = linear_cross_entropy(hidden, weight, targets[supervised], chunk_rows=chunk_rows)
+    loss = linear_cross_entropy(hidden, weight, targets[supervised], chunk_rows=chunk_rows, compute_dtype=captured["dtype"])
     return loss, int(supervised.sum()), {}
 
 

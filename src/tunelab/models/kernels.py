@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 PACKED_ATTENTION = "tunelab_packed_sdpa"
 
 
+@torch.compiler.disable  # compiled layers call it eagerly: its loop depends on each batch's boundaries
 def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, cu_seq_lens_q=None, **kwargs):
     """transformers attention-interface function (query/key/value: batch, heads, tokens, head_dim)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -193,16 +194,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 1024, compute_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Summed cross-entropy of ``hidden @ weight.T`` against ``targets`` (rows, hidden) -> scalar.
 
-    The matmuls run in the autocast dtype when autocast is on (as ``nn.Linear`` would), and the
-    softmax in float32.
+    The matmuls run in ``compute_dtype``; by default in the autocast dtype when autocast is on (as
+    ``nn.Linear`` would), else in the promoted dtype of the inputs. The softmax runs in float32.
     """
     device = hidden.device.type
-    if torch.is_autocast_enabled(device):
+    if compute_dtype is None and torch.is_autocast_enabled(device):
         compute_dtype = torch.get_autocast_dtype(device)
-    else:
+    elif compute_dtype is None:
         compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
     if hidden.shape[0] == 0:
         return (hidden.sum() + weight.sum()) * 0.0  # keeps the graph (and DDP) whole when nothing is supervised
