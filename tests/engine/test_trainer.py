@@ -248,10 +248,21 @@ def test_logged_grad_norm_is_measured_before_clipping(tmp_path):
     assert len(norms) == 2 and min(norms) > 1e-2
 
 
+@pytest.mark.compile
 def test_compiled_decoder_layers_train_like_eager(tmp_path):
     common = ("method.max_steps=2", "data.shuffle=false", "method.lr_scheduler=null")
-    eager = run(tmp_path / "eager", *common)
-    compiled = run(tmp_path / "compiled", *common, "method.compile=true")
+    eager = run(tmp_path / "eager", *common, "method.compile=false")
+    compiled = run(tmp_path / "compiled", *common)  # compiled by default
     a, b = weights(eager.final_checkpoint), weights(compiled.final_checkpoint)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_compile_without_a_cpu_compiler_trains_uncompiled(monkeypatch, caplog):
+    from tunelab.models import kernels
+
+    monkeypatch.setattr(kernels.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(kernels.shutil, "which", lambda name: None)
+    layer = torch.nn.Linear(2, 2)
+    assert kernels.compile_decoder_layers(layer) == 0
+    assert layer._compiled_call_impl is None and "needs a C++ compiler" in caplog.text

@@ -121,10 +121,11 @@ class FullFinetuneSFT(TrainingOptions):
     """RMSNorm and the SwiGLU MLP as single autograd ops that keep only their inputs for the
     backward pass (same forward values, about a third less activation memory on Llama-shaped
     models), and rotary embeddings applied in the autocast dtype; false: transformers' own modules."""
-    compile: bool = False
-    """torch.compile the decoder layers before training. On 2 CPU cores (SmolLM2, packed rows):
-    about a minute of compiling in the first steps for a few percent per step, so off by default;
-    worth trying on GPUs and long runs."""
+    compile: bool = True
+    """torch.compile the decoder layers (packed attention stays eager between the compiled parts).
+    On 2 CPU cores (SmolLM2, packed rows): ~15% faster steps and ~0.4 GiB less memory, for about
+    ten seconds of compiling in the first two steps. Without a GPU it needs a C++ compiler (g++ or
+    $CXX); where none is found the run trains uncompiled and says so. false: eager."""
 
     def build_data(self, data_cfg, tokenizer):
         return build_datasets(data_cfg, tokenizer, self.max_length)

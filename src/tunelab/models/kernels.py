@@ -11,6 +11,9 @@
 """
 
 import logging
+import os
+import shutil
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -337,10 +340,19 @@ def rotary_in_compute_dtype(model: torch.nn.Module) -> int:
     return hooked
 
 
+def cpu_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend (inductor) would call, if it is installed."""
+    return shutil.which(os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++"))
+
+
 def compile_decoder_layers(model: torch.nn.Module) -> int:
     """torch.compile each decoder layer in place (dynamic shapes, so packed rows of any length
     reuse one graph; state-dict keys stay as they are). Models without recognisable decoder
-    layers are compiled whole. Returns how many modules were compiled."""
+    layers are compiled whole. Returns how many modules were compiled: none, with a warning, on
+    a machine without a GPU and without the C++ compiler the CPU backend needs."""
+    if not torch.cuda.is_available() and cpu_compiler() is None:
+        log.warning("torch.compile needs a C++ compiler on CPU (g++, or $CXX) and none was found: training uncompiled")
+        return 0
     layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
     for layer in layers or [model]:
         layer.compile(dynamic=True)
