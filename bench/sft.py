@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -48,6 +49,7 @@ RUNS = {
     "tunelab": {"kind": "tunelab", "overrides": [],
                 "about": "tunelab defaults: packing, chunked supervised-only loss, fused kernels, torch.compile, tuned allocator, bf16 autocast"},
     "tunelab-lora": {"kind": "tunelab", "lora": True, "overrides": [], "about": "tunelab LoRA, defaults"},
+    "tunelab-lora-eager": {"kind": "tunelab", "lora": True, "overrides": ["method.compile=false"], "about": "tunelab LoRA without torch.compile"},
 }
 DEFAULT_RUNS = ["tunelab", "tunelab-lora", "hf-fp32", "hf-bf16", "trl-default", "trl-packed", "trl-lora",
                 "tunelab-reference", "tunelab-eager", "tunelab-nopack", "tunelab-nofused", "tunelab-sysalloc"]  # fmt: skip
@@ -353,6 +355,19 @@ def table(results: dict, spec: dict) -> str:
     return "\n".join(lines)
 
 
+def combine(rounds: list[dict]) -> dict:
+    """One run's result over its rounds: median speeds, the highest memory peak."""
+    result = dict(rounds[0])
+    for key in ("tokens_per_s", "supervised_tokens_per_s"):
+        if key in result:
+            result[key] = statistics.median(r[key] for r in rounds)
+    if "peak_memory_gib" in result:
+        result["peak_memory_gib"] = max(r["peak_memory_gib"] for r in rounds)
+    if len(rounds) > 1:
+        result["rounds_supervised_tokens_per_s"] = [r.get("supervised_tokens_per_s") for r in rounds]
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default=",".join(DEFAULT_RUNS), help=f"comma-separated, from: {', '.join(RUNS)}")
@@ -369,6 +384,7 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--workdir", default="outputs/bench")
     parser.add_argument("--output", default=None, help="also write the table here (markdown)")
+    parser.add_argument("--repeat", type=int, default=1, help="run the list this many times in turn; report median speeds")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -382,7 +398,12 @@ def main() -> None:
     spec = prepare(args)
     Path(args.workdir, "spec.json").write_text(json.dumps(spec, indent=2))
     results: dict[str, dict] = {}
-    for name in ["base"] + names:
+    rounds: dict[str, list[dict]] = {}
+    # --repeat N runs the list N times in turn (a b c a b c ...), so that this machine's drift in
+    # speed over minutes reaches every run alike; each run reports its median speed.
+    for name in ["base"] + names * args.repeat:
+        if name in results and "error" in results[name] or name == "base" and name in results:
+            continue
         why_not = available(RUNS[name]) if name != "base" else None
         if why_not:
             results[name] = {"skipped": why_not}
@@ -399,9 +420,10 @@ def main() -> None:
             tail = log.read_text().strip().splitlines()[-1:] or ["no output"]
             results[name] = {"error": f"exit {code}: {tail[0][:200]} (see {log})"}
         else:
-            results[name] = json.loads(result_file.read_text())
+            rounds.setdefault(name, []).append(json.loads(result_file.read_text()))
             result_file.unlink()
-        print(f"{name}: {json.dumps(results[name])} ({time.perf_counter() - started:.0f} s)", flush=True)
+            results[name] = combine(rounds[name])
+        print(f"{name}: {json.dumps(rounds.get(name, [results[name]])[-1])} ({time.perf_counter() - started:.0f} s)", flush=True)
     report = table(results, spec)
     print()
     print(report)

@@ -271,3 +271,18 @@ def test_chunked_loss_head_runs_in_the_forwards_precision(monkeypatch):
     assert dtypes == [torch.bfloat16, torch.bfloat16, torch.float32]
     torch.testing.assert_close(wrapped, everywhere, atol=0, rtol=0)
     assert wrapped != plain
+
+
+def test_long_examples_go_through_flash_attention(monkeypatch):
+    """Past SEGMENT_SCORES_LIMIT the per-example scores would be large: sdpa takes those rows."""
+    import tunelab.models.kernels as kernels
+
+    reference, packed = tiny_pair()
+    row = pack_collate(examples())
+    inputs = {k: row[k] for k in ("input_ids", "position_ids", "cu_seq_lens_q")}
+    monkeypatch.setattr(kernels, "segment_attention", lambda *a, **kw: pytest.fail("segment kernel used"))
+    monkeypatch.setattr(kernels, "SEGMENT_SCORES_LIMIT", 4 * 11**2)  # 4 heads; the longest example has 12 tokens
+    with torch.no_grad():
+        ours = packed(**inputs, use_cache=False).logits
+        theirs = reference(**inputs, use_cache=False).logits  # transformers' sdpa isolates examples by position
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)

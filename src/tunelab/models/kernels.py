@@ -2,9 +2,12 @@
 
 - ``packed_sdpa``: attention over a packed row (several examples concatenated, positions
   restarting at 0 for each). The row's example boundaries come from the collator as
-  ``cu_seq_lens_q``; each example attends causally to itself only, through PyTorch's
-  scaled_dot_product_attention, so no work is spent on pairs of tokens from different examples.
-  Without boundaries it is exactly transformers' sdpa attention.
+  ``cu_seq_lens_q``; each example attends causally to itself only (on CPU through
+  ``segment_attention``, elsewhere through PyTorch's scaled_dot_product_attention per example),
+  so no work is spent on pairs of tokens from different examples. Without boundaries it is
+  exactly transformers' sdpa attention.
+- ``rms_norm``, ``silu_mul``, ``rotary_in_compute_dtype``: Llama's norm, MLP activation and rotary
+  embedding with less kept for the backward pass and no float32 detours under autocast.
 - ``linear_cross_entropy``: the output projection and cross-entropy of the given hidden states,
   computed in chunks of rows with the gradient formed on the way, so the logits of the full
   vocabulary never exist for more than one chunk and are never kept for the backward pass.
@@ -21,6 +24,9 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 PACKED_ATTENTION = "tunelab_packed_sdpa"
+# segment_attention forms one example's (heads, length, length) scores at a time; longer examples
+# than this allows (about 2,700 tokens at 9 heads) go through flash attention instead.
+SEGMENT_SCORES_LIMIT = 64 * 2**20
 
 
 @torch.compiler.disable  # compiled layers call it eagerly: its loop depends on each batch's boundaries
@@ -35,7 +41,9 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
     bounds = cu_seq_lens_q.tolist()
     segments_cover_row = bounds[0] == 0 and bounds[-1] == query.shape[2]
     plain = not (dropout and module.training) and getattr(module, "sliding_window", None) is None
-    if query.device.type == "cpu" and plain and segments_cover_row:
+    longest = max(end - start for start, end in zip(bounds[:-1], bounds[1:]))
+    scores_fit = query.shape[1] * longest**2 <= SEGMENT_SCORES_LIMIT
+    if query.device.type == "cpu" and plain and segments_cover_row and scores_fit:
         return segment_attention(query, key, value, bounds, scaling), None
     gqa = query.shape[1] != key.shape[1]  # grouped-query attention: sdpa shares each key/value head itself
     outputs = [

@@ -20,7 +20,7 @@ GiB = 2**30
 # Fraction of the measured matmul speed that whole training steps reached in bench/sft.py
 # (SmolLM2-135M, bf16 autocast, packed rows): small matrices, elementwise work and the optimizer
 # make up the rest.
-STEP_EFFICIENCY = {"cpu": 0.43, "cuda": 0.45}
+STEP_EFFICIENCY = {"cpu": 0.6, "cuda": 0.45}
 RUNTIME_OVERHEAD_GIB = {"cpu": 0.9, "cuda": 0.0}  # Python, torch, tokenizers, datasets in the process
 
 
