@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tunelab.data import IGNORE_INDEX, PackCollator, PadCollator, build_datasets
 from tunelab.engine.options import TrainingOptions
 from tunelab.models.kernels import (
-    compile_decoder_layers, linear_cross_entropy, rotary_in_compute_dtype, use_fused_norm_and_mlp, use_packed_attention,
+    autocast_dtype, compile_decoder_layers, linear_cross_entropy, rotary_in_compute_dtype, use_fused_norm_and_mlp, use_packed_attention,
 )
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,7 @@ def chunked_causal_lm_loss(model: torch.nn.Module, batch: dict, chunk_rows: int 
 
     def keep_hidden(module, args, output):
         captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
-        device = captured["hidden"].device.type
-        captured["dtype"] = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        captured["dtype"] = autocast_dtype(captured["hidden"].device.type)
 
     handle = inner.get_decoder().register_forward_hook(keep_hidden)
     try:

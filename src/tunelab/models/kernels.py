@@ -24,6 +24,12 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 PACKED_ATTENTION = "tunelab_packed_sdpa"
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on this device type, or None when autocast is off."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
 # segment_attention forms one example's (heads, length, length) scores at a time; longer examples
 # than this allows (about 2,700 tokens at 9 heads) go through flash attention instead.
 SEGMENT_SCORES_LIMIT = 64 * 2**20
@@ -73,7 +79,7 @@ class _SegmentAttention(torch.autograd.Function):
         out = query.new_empty(1, tokens, q_heads, head_dim)
         for start, end in zip(bounds[:-1], bounds[1:]):
             if end > start:
-                probs = _segment_probs(query, key, start, end, scale)
+                _, probs = _segment_probs(query, key, start, end, scale)
                 seg = torch.bmm(probs, value[0, :, start:end])  # kv heads, (group, len), head_dim
                 out[0, start:end] = seg.view(q_heads, end - start, head_dim).transpose(0, 1)
         ctx.save_for_backward(query, key, value)
@@ -90,13 +96,12 @@ class _SegmentAttention(torch.autograd.Function):
             if end == start:
                 continue
             n = end - start
-            probs = _segment_probs(query, key, start, end, scale)
+            queries, probs = _segment_probs(query, key, start, end, scale)
             grad_seg = grad_out[0, start:end].transpose(0, 1).reshape(kv_heads, -1, head_dim)
             grad_v[0, :, start:end] = torch.bmm(probs.transpose(1, 2), grad_seg)
             grad_probs = torch.bmm(grad_seg, value[0, :, start:end].transpose(1, 2))
             grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
             grad_q[0, :, start:end] = (torch.bmm(grad_scores, key[0, :, start:end]) * scale).view(q_heads, n, head_dim)
-            queries = query[0, :, start:end].reshape(kv_heads, -1, head_dim)
             grad_k[0, :, start:end] = torch.bmm(grad_scores.transpose(1, 2), queries) * scale
         return grad_q, grad_k, grad_v, None, None
 
@@ -104,8 +109,9 @@ class _SegmentAttention(torch.autograd.Function):
 _future = {}  # device -> bool matrix, True above the diagonal (positions a causal query cannot see)
 
 
-def _segment_probs(query, key, start: int, end: int, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale) of one causal segment: (kv heads, group * len, len)."""
+def _segment_probs(query, key, start: int, end: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One causal segment's queries stacked per kv head (kv heads, group * len, head_dim) and
+    softmax(q k^T * scale) (kv heads, group * len, len)."""
     n, kv_heads, head_dim = end - start, key.shape[1], query.shape[-1]
     queries = query[0, :, start:end].reshape(kv_heads, -1, head_dim)  # the q heads sharing a kv head, stacked
     scores = torch.baddbmm(queries.new_empty(()), queries, key[0, :, start:end].transpose(1, 2), beta=0.0, alpha=scale)
@@ -113,7 +119,7 @@ def _segment_probs(query, key, start: int, end: int, scale: float) -> torch.Tens
     if mask is None or mask.shape[0] < n:
         mask = _future[query.device] = torch.ones(n, n, dtype=torch.bool, device=query.device).triu(1)
     scores.view(kv_heads, -1, n, n).masked_fill_(mask[:n, :n], float("-inf"))
-    return torch.softmax(scores, -1)
+    return queries, torch.softmax(scores, -1)
 
 
 def segment_attention(query, key, value, bounds: list[int], scaling: float | None = None) -> torch.Tensor:
@@ -122,7 +128,7 @@ def segment_attention(query, key, value, bounds: list[int], scaling: float | Non
     multiple of kv_heads; returns (1, tokens, q_heads, head_dim) as transformers' attention
     functions do. Under autocast it computes in the autocast dtype, like sdpa."""
     device = query.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+    dtype = autocast_dtype(device) or query.dtype
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     with torch.autocast(device, enabled=False):
         return _SegmentAttention.apply(query.to(dtype), key.to(dtype), value.to(dtype), bounds, scale)
@@ -214,10 +220,7 @@ def linear_cross_entropy(
     ``nn.Linear`` would), else in the promoted dtype of the inputs. The softmax runs in float32.
     """
     device = hidden.device.type
-    if compute_dtype is None and torch.is_autocast_enabled(device):
-        compute_dtype = torch.get_autocast_dtype(device)
-    elif compute_dtype is None:
-        compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    compute_dtype = compute_dtype or autocast_dtype(device) or torch.promote_types(hidden.dtype, weight.dtype)
     if hidden.shape[0] == 0:
         return (hidden.sum() + weight.sum()) * 0.0  # keeps the graph (and DDP) whole when nothing is supervised
     return _LinearCrossEntropy.apply(hidden, weight, targets, max(1, chunk_rows), compute_dtype)
@@ -232,9 +235,7 @@ def linear_cross_entropy(
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return torch.result_type(x, weight)
+    return autocast_dtype(x.device.type) or torch.result_type(x, weight)
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -328,11 +329,8 @@ def use_fused_norm_and_mlp(model: torch.nn.Module) -> int:
 
 def _rotary_to_compute_dtype(module, args, output):
     cos, sin = output
-    device = cos.device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        return cos.to(dtype), sin.to(dtype)
-    return None
+    dtype = autocast_dtype(cos.device.type)
+    return (cos.to(dtype), sin.to(dtype)) if dtype else None
 
 
 def rotary_in_compute_dtype(model: torch.nn.Module) -> int:
