@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tunelab.config import compose_config
-from tunelab.data import Record
-from tunelab.data.preference import pair_collate, parse_transcript, to_preference, tokenize_pair
+from tunelab.data import Record, pair_collate, tokenize_pair
+from tunelab.data.preference import parse_transcript, to_preference
 from tunelab.engine import train
 from tunelab.errors import TunelabError
 from tunelab.methods.bradley_terry_rm import bradley_terry_loss, rewards

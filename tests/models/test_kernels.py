@@ -102,6 +102,22 @@ def test_linear_cross_entropy_frozen_head_and_nothing_supervised():
     assert empty.item() == 0.0 and weight.grad is not None and weight.grad.abs().sum() == 0
 
 
+def test_linear_cross_entropy_under_no_grad_forms_no_head_gradient():
+    """Evaluation (no_grad) of a trainable head: autograd's needs_input_grad still says the weight
+    wants a gradient, which made the kernel build a vocabulary x hidden float32 buffer per call."""
+    torch.manual_seed(0)
+    vocab, width = 4096, 64
+    hidden = torch.randn(6, width, requires_grad=True)
+    weight = torch.randn(vocab, width, requires_grad=True)
+    targets = torch.randint(0, vocab, (6,))
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=2)
+    expected = torch.nn.functional.cross_entropy(hidden.detach() @ weight.detach().T, targets, reduction="sum")
+    torch.testing.assert_close(loss, expected)
+    largest = max((e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0), default=0)
+    assert largest < vocab * width * 4 / 4, f"an allocation of {largest} bytes: a head-sized gradient buffer"
+
+
 def test_adapter_on_the_output_head_falls_back_to_the_plain_loss():
     from peft import LoraConfig, get_peft_model
 

@@ -17,7 +17,8 @@ def list_groups() -> dict[str, list[str]]:
     groups = {}
     for group in GROUPS:
         root = CONFIG_DIR / group
-        groups[group] = sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+        # files whose name starts with _ are parts other options include (method/lm_finetune/_engine)
+        groups[group] = sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml") if not p.name.startswith("_"))
     return groups
 
 

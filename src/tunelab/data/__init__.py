@@ -1,15 +1,22 @@
-from tunelab.data.collate import PackCollator, PadCollator, batch_tokens, pack_collate, pad_collate
+from tunelab.data.collate import (
+    REFERENCE_COLUMNS, CompletionPairCollator, PackCollator, PadCollator, PairCollator, batch_tokens, pack_collate, pad_collate,
+    pair_collate,
+)
+from tunelab.data.constants import IGNORE_INDEX
 from tunelab.data.dataset import DataReport, build_datasets, load_examples
 from tunelab.data.formats import to_example
 from tunelab.data.readers import Record, read_records
 from tunelab.data.sampler import ResumableSampler
-from tunelab.data.tokenize import IGNORE_INDEX, render, tokenize_conversation, tokenize_text
+from tunelab.data.tokenize import render, tokenize_completion, tokenize_conversation, tokenize_pair, tokenize_text
 
 __all__ = [
     "IGNORE_INDEX",
+    "REFERENCE_COLUMNS",
+    "CompletionPairCollator",
     "DataReport",
     "PackCollator",
     "PadCollator",
+    "PairCollator",
     "Record",
     "ResumableSampler",
     "batch_tokens",
@@ -17,9 +24,12 @@ __all__ = [
     "load_examples",
     "pack_collate",
     "pad_collate",
+    "pair_collate",
     "read_records",
     "render",
     "to_example",
+    "tokenize_completion",
     "tokenize_conversation",
+    "tokenize_pair",
     "tokenize_text",
 ]

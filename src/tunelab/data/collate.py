@@ -1,8 +1,8 @@
-"""Tokenized examples -> a padded batch."""
+"""Tokenized examples -> a batch: padded rows, or one packed row without padding."""
 
 import torch
 
-from tunelab.data.tokenize import IGNORE_INDEX
+from tunelab.data.constants import IGNORE_INDEX
 
 
 def pad_rows(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,3 +66,40 @@ class PackCollator:
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         return pack_collate(examples)
+
+
+def pair_collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Reward-model pairs -> right-padded batch of 2B rows: the B chosen sequences, then the B
+    rejected ones."""
+    rows = [e["chosen_input_ids"] for e in examples] + [e["rejected_input_ids"] for e in examples]
+    input_ids, attention_mask = pad_rows(rows, pad_token_id)
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+class PairCollator:
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        return pair_collate(examples, self.pad_token_id)
+
+
+REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+"""Per-pair reference log-probabilities, when they were computed before training."""
+
+
+class CompletionPairCollator:
+    """DPO pairs -> one batch of 2B sequences with completion-only labels: the B chosen sequences,
+    then the B rejected ones, packed into one row (``pack_collate``) or right-padded. Reference
+    log-probabilities computed before training ride along as float tensors."""
+
+    def __init__(self, pad_token_id: int, packing: bool):
+        self.pad_token_id, self.packing = pad_token_id, packing
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        rows = [{"input_ids": e[f"{side}_input_ids"], "labels": e[f"{side}_labels"]} for side in ("chosen", "rejected") for e in examples]
+        batch = pack_collate(rows) if self.packing else pad_collate(rows, self.pad_token_id)
+        for name in REFERENCE_COLUMNS:
+            if name in examples[0]:
+                batch[name] = torch.tensor([e[name] for e in examples], dtype=torch.float32)
+        return batch

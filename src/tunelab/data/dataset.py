@@ -10,9 +10,10 @@ from pathlib import Path
 import datasets
 
 from tunelab.config.schema import DataConfig
+from tunelab.data.constants import IGNORE_INDEX
 from tunelab.data.formats import to_example
 from tunelab.data.readers import read_records
-from tunelab.data.tokenize import tokenize_batch
+from tunelab.data.tokenize import tokenize_batch, tokenize_completion_pairs_batch, tokenize_pairs_batch
 from tunelab.errors import TunelabError
 from tunelab.resources import cache_dir, resolve_path
 
@@ -26,6 +27,8 @@ class SplitReport:
     truncated: int = 0
     dropped_overlong: int = 0
     dropped_unsupervised: int = 0
+    dropped_identical: int = 0
+    """Preference pairs whose two sides are the same tokens (nothing to prefer)."""
     supervised_tokens: int = 0
     tokens: int = 0
 
@@ -51,19 +54,32 @@ def _tokenizer_signature(tokenizer) -> str:
     return hashlib.sha1(f"{type(tokenizer).__name__}{tokenizer.chat_template}{vocab}".encode()).hexdigest()
 
 
-def _tokenize(examples: list[dict], tokenizer, max_length: int, cfg: DataConfig, report: SplitReport) -> datasets.Dataset:
+def _tokenizer_function(examples: list[dict], max_length: int, cfg: DataConfig, max_prompt_length: int | None):
+    """The ``datasets.map`` function and its options for these examples."""
+    options = {"max_length": max_length, "overlong": cfg.overlong}
+    if "chosen" not in examples[0]:
+        return tokenize_batch, options
+    if max_prompt_length is None:
+        return tokenize_pairs_batch, options
+    return tokenize_completion_pairs_batch, {**options, "max_prompt_length": max_prompt_length}
+
+
+def _tokenize(
+    examples: list[dict], tokenizer, max_length: int, cfg: DataConfig, report: SplitReport, max_prompt_length: int | None
+) -> datasets.Dataset:
     report.records = len(examples)
     if not examples:
         return datasets.Dataset.from_dict({"input_ids": [], "labels": []})
+    function, options = _tokenizer_function(examples, max_length, cfg, max_prompt_length)
     key = hashlib.sha1(
-        json.dumps([examples, max_length, cfg.overlong, _tokenizer_signature(tokenizer)]).encode()
+        json.dumps([examples, function.__name__, options, _tokenizer_signature(tokenizer)]).encode()
     ).hexdigest()
     folder = cache_dir("datasets") if cfg.cache_dir is None else Path(cfg.cache_dir).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     raw = datasets.Dataset.from_list(examples)
     tokenized = raw.map(
-        tokenize_batch,
-        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "overlong": cfg.overlong},
+        function,
+        fn_kwargs={"tokenizer": tokenizer, **options},
         batched=True,
         batch_size=64,
         num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
@@ -76,14 +92,15 @@ def _tokenize(examples: list[dict], tokenizer, max_length: int, cfg: DataConfig,
     report.truncated = status.count("truncated")
     report.dropped_overlong = status.count("overlong")
     report.dropped_unsupervised = status.count("unsupervised")
+    report.dropped_identical = status.count("identical")
     kept = [i for i, s in enumerate(status) if s in ("ok", "truncated")]
     tokenized = tokenized.select(kept).remove_columns("status")
     report.examples = len(tokenized)
-    if "labels" in tokenized.column_names:
-        report.tokens = sum(len(ids) for ids in tokenized["input_ids"])
-        report.supervised_tokens = sum(sum(1 for t in labels[1:] if t != -100) for labels in tokenized["labels"])
-    else:  # preference pairs: every token of both sides is read, none is a target
-        report.tokens = sum(len(a) + len(b) for a, b in zip(tokenized["chosen_input_ids"], tokenized["rejected_input_ids"]))
+    sides = ("chosen_", "rejected_") if "chosen_input_ids" in tokenized.column_names else ("",)
+    for side in sides:
+        report.tokens += sum(len(ids) for ids in tokenized[f"{side}input_ids"])
+        if f"{side}labels" in tokenized.column_names:  # reward-model pairs have none: no token is a target
+            report.supervised_tokens += sum(sum(1 for t in labels[1:] if t != IGNORE_INDEX) for labels in tokenized[f"{side}labels"])
     return tokenized
 
 
@@ -113,18 +130,25 @@ def load_examples(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
     return examples, val_examples
 
 
-def build_datasets(cfg: DataConfig, tokenizer, max_length: int) -> tuple[datasets.Dataset, datasets.Dataset | None, DataReport]:
-    """Read, format, split and tokenize; raise if nothing is left to train on."""
+def build_datasets(
+    cfg: DataConfig, tokenizer, max_length: int, max_prompt_length: int | None = None
+) -> tuple[datasets.Dataset, datasets.Dataset | None, DataReport]:
+    """Read, format, split and tokenize; raise if nothing is left to train on.
+
+    Preference pairs are tokenized whole for reward models; with ``max_prompt_length`` set they
+    are tokenized for DPO: completion-only labels, the prompt kept to its last
+    ``max_prompt_length`` tokens.
+    """
     examples, val_examples = load_examples(cfg)
     report = DataReport()
-    train = _tokenize(examples, tokenizer, max_length, cfg, report.train)
-    val = _tokenize(val_examples, tokenizer, max_length, cfg, report.val) if val_examples else None
+    train = _tokenize(examples, tokenizer, max_length, cfg, report.train, max_prompt_length)
+    val = _tokenize(val_examples, tokenizer, max_length, cfg, report.val, max_prompt_length) if val_examples else None
     t = report.train
     log.info(
         "Data: %d training examples (%d tokens, %d supervised) from %d records; %d truncated to %d tokens, "
-        "%d dropped as longer than %d (data.overlong=drop), %d dropped with no supervised token (or identical pair)",
+        "%d dropped as longer than %d (data.overlong=drop), %d dropped with no supervised token, %d identical pairs dropped",
         t.examples, t.tokens, t.supervised_tokens, t.records, t.truncated, max_length,
-        t.dropped_overlong, max_length, t.dropped_unsupervised,
+        t.dropped_overlong, max_length, t.dropped_unsupervised, t.dropped_identical,
     )  # fmt: skip
     if val is not None:
         log.info("Validation: %d examples", report.val.examples)
@@ -132,7 +156,8 @@ def build_datasets(cfg: DataConfig, tokenizer, max_length: int) -> tuple[dataset
         raise TunelabError(
             f"The training set is empty after filtering: {t.records} records read from '{cfg.path}', "
             f"{t.dropped_overlong} longer than max_length={max_length} were dropped and "
-            f"{t.dropped_unsupervised} had no supervised (assistant) token. Check data.format and its "
+            f"{t.dropped_unsupervised} had no supervised (assistant) token, {t.dropped_identical} were pairs whose two "
+            "sides are the same. Check data.format and its "
             "field names, raise method.max_length, or use data.overlong=truncate."
         )
     return train, val, report

@@ -6,6 +6,7 @@ Every format ends as one of those two shapes, so one tokenizer path renders them
 from typing import Any
 
 from tunelab.config.schema import DataConfig
+from tunelab.data.preference import to_preference
 from tunelab.data.readers import Record
 from tunelab.errors import TunelabError
 
@@ -88,8 +89,6 @@ def to_example(record: Record, cfg: DataConfig) -> dict:
     if cfg.format == "text":
         return {"text": _field(record, cfg.text_field, "data.text_field")}
     if cfg.format == "preference":
-        from tunelab.data.preference import to_preference
-
         return to_preference(record, cfg.system_prompt)
     if cfg.format == "alpaca":
         return {"messages": _alpaca(record, cfg)}

@@ -1,14 +1,10 @@
-"""Preference pairs: record -> (chosen, rejected) conversations -> token ids -> a batch holding
-all chosen sequences, then all rejected ones."""
+"""Preference records -> pairs of conversations, ``{"chosen": messages, "rejected": messages}``
+(the format stage; ``tokenize`` and ``collate`` take the pairs on from there)."""
 
 import re
 from typing import Any
 
-import torch
-
-from tunelab.data.collate import pad_rows
 from tunelab.data.readers import Record
-from tunelab.data.tokenize import render
 from tunelab.errors import TunelabError
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
@@ -61,40 +57,3 @@ def to_preference(record: Record, system_prompt: str | None = None) -> dict:
         if system_prompt and messages[0]["role"] != "system":
             pair[name] = [{"role": "system", "content": system_prompt}] + messages
     return pair
-
-
-def tokenize_pair(tokenizer, pair: dict, max_length: int) -> tuple[list[int], list[int], bool]:
-    """Token ids of both sides. Overlong sides keep their last ``max_length`` tokens: the replies
-    that differ sit at the end, and the reward is read at the last token."""
-    ids = [tokenizer(render(tokenizer, pair[n]), add_special_tokens=False)["input_ids"] for n in ("chosen", "rejected")]
-    truncated = any(len(x) > max_length for x in ids)
-    chosen, rejected = (x[-max_length:] for x in ids)
-    return chosen, rejected, truncated
-
-
-def tokenize_pairs_batch(batch: dict[str, list], tokenizer: Any, max_length: int, overlong: str) -> dict[str, list]:
-    out: dict[str, list] = {"chosen_input_ids": [], "rejected_input_ids": [], "status": []}
-    for chosen_messages, rejected_messages in zip(batch["chosen"], batch["rejected"]):
-        chosen, rejected, truncated = tokenize_pair(tokenizer, {"chosen": chosen_messages, "rejected": rejected_messages}, max_length)
-        status = ("truncated" if overlong == "truncate" else "overlong") if truncated else "ok"
-        if status != "overlong" and chosen == rejected:
-            status = "unsupervised"  # nothing left to tell the two apart
-        out["chosen_input_ids"].append(chosen)
-        out["rejected_input_ids"].append(rejected)
-        out["status"].append(status)
-    return out
-
-
-def pair_collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch of 2B rows: the B chosen sequences, then the B rejected ones."""
-    rows = [e["chosen_input_ids"] for e in examples] + [e["rejected_input_ids"] for e in examples]
-    input_ids, attention_mask = pad_rows(rows, pad_token_id)
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-
-class PairCollator:
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        return pair_collate(examples, self.pad_token_id)

@@ -1,5 +1,18 @@
 from tunelab.engine.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from tunelab.engine.method import DataSplits, LossResult, Method, Models
 from tunelab.engine.options import TrainingOptions
 from tunelab.engine.trainer import RunResult, fit, train
 
-__all__ = ["RunResult", "TrainState", "TrainingOptions", "fit", "load_checkpoint", "save_checkpoint", "train"]
+__all__ = [
+    "DataSplits",
+    "LossResult",
+    "Method",
+    "Models",
+    "RunResult",
+    "TrainState",
+    "TrainingOptions",
+    "fit",
+    "load_checkpoint",
+    "save_checkpoint",
+    "train",
+]

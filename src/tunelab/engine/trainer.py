@@ -19,12 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from tunelab.config import DataConfig, instantiate, replace_placeholder, validate_config
-from tunelab.data import ResumableSampler, batch_tokens
+from tunelab.data import ResumableSampler
 from tunelab.engine.allocator import tune_cpu_allocator
 from tunelab.engine.checkpoint import TrainState, atomic_write_text, load_checkpoint, resolve_checkpoint, save_checkpoint
+from tunelab.engine.method import LossResult, Method
 from tunelab.engine.metrics import MetricsCSV, plot_loss_curve
 from tunelab.errors import TunelabError
-from tunelab.planning import estimate_run, measured_peak_gib
+from tunelab.planning import measured_peak_gib
 from tunelab.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,9 @@ class Run:
     """Everything ``fit`` needs, built by ``train``."""
 
     fabric: object
-    method: object
+    method: Method
     model: torch.nn.Module
+    frozen: dict  # name -> frozen model set up by the engine (reference, reward, ...)
     optimizer: torch.optim.Optimizer
     scheduler: object
     loader: DataLoader
@@ -111,11 +113,50 @@ def _launching_rank() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
-def _loader(dataset, method, tokenizer, sampler=None, batch_size=None) -> DataLoader:
+def _loader(dataset, method: Method, tokenizer, sampler=None, batch_size=None) -> DataLoader:
     kwargs = dict(method.dataloader_kwargs)
     kwargs["batch_size"] = method.examples_per_batch(batch_size or kwargs.get("batch_size", 1))
     kwargs["pin_memory"] = kwargs.get("pin_memory", False) and torch.cuda.is_available()
     return DataLoader(dataset, sampler=sampler, collate_fn=method.collate_fn(tokenizer), **kwargs)
+
+
+class FrozenModule(torch.nn.Module):
+    """A frozen model that runs its forward under the run's autocast, with no gradients."""
+
+    def __init__(self, module: torch.nn.Module, autocast):
+        super().__init__()
+        self.module, self._autocast = module, autocast
+        self.eval()
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # frozen: dropout stays off whatever the caller asks
+
+    def forward(self, *args, **kwargs):
+        with torch.no_grad(), self._autocast():
+            return self.module(*args, **kwargs)
+
+
+def setup_frozen(fabric, module: torch.nn.Module) -> torch.nn.Module:
+    """Put a frozen model where the trained one is: same device and precision, eval mode, no
+    gradients. FSDP shards it like the trained model; DDP refuses to wrap a module without
+    gradients (and DeepSpeed wraps only the trained one), so elsewhere it is converted to the run's
+    precision, moved to the device and run under Fabric's autocast."""
+    module.eval().requires_grad_(False)
+    if "FSDP" in type(fabric.strategy).__name__:
+        return fabric.setup_module(module)
+    module = fabric.to_device(fabric.strategy.precision.convert_module(module))
+    return FrozenModule(module, fabric.autocast)
+
+
+def _ordered_batches(fabric, method: Method, tokenizer, batch_size: int):
+    """``batches(dataset)``: the dataset's collated batches in order, on the device (for
+    ``Method.prepare_data``)."""
+
+    def batches(dataset):
+        for batch in _loader(dataset, method, tokenizer, batch_size=batch_size):
+            yield fabric.to_device(batch)
+
+    return batches
 
 
 def train(cfg: DictConfig) -> RunResult:
@@ -123,6 +164,8 @@ def train(cfg: DictConfig) -> RunResult:
     validate_config(cfg)
     data_cfg = DataConfig(**OmegaConf.to_container(cfg.data, resolve=True))
     method = instantiate(cfg.method)
+    if not isinstance(method, Method):
+        raise TunelabError(f"method._target_ builds a {type(method).__name__}, which is not a tunelab.engine.Method.")
     method.check()
     resuming_from = resolve_checkpoint(method.ckpt_path) if method.ckpt_path else None
     # Only the launching process (rank 0) judges and cleans the output folder: the other ranks are
@@ -148,15 +191,16 @@ def train(cfg: DictConfig) -> RunResult:
     pool = instantiate(cfg.modelpool)
     tokenizer = pool.load_tokenizer()
     with fabric.rank_zero_first():
-        train_set, val_set, report = method.build_data(data_cfg, tokenizer)
+        splits = method.build_data(data_cfg, tokenizer)
     taskpool = instantiate(cfg.taskpool)
-    if getattr(taskpool, "needs_validation", False) and val_set is None:
+    if getattr(taskpool, "needs_validation", False) and splits.val is None:
         raise TunelabError(
             "The task pool evaluates on a validation split but there is none: set data.val_fraction=0.1 "
             "or data.val_path=FILE, or use taskpool=dummy."
         )
 
-    model = method.prepare_model(pool.load_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id))
+    models = method.build_models(pool, tokenizer)
+    model = models.trained
     if cfg.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -165,13 +209,22 @@ def train(cfg: DictConfig) -> RunResult:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log.info("Parameters: %s trainable of %s (%.1f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    optimizer = instantiate(method.optimizer, params=[p for p in model.parameters() if p.requires_grad])
+    model, optimizer = fabric.setup(model, optimizer)
+    frozen = {name: setup_frozen(fabric, module) for name, module in models.frozen.items()}
+    batch_size = int(method.dataloader_kwargs.get("batch_size", 1))
+    # Every rank runs prepare_data in step: models set up by DDP or FSDP may communicate in their
+    # forward pass, so one rank running them while the others wait would hang.
+    fabric.barrier()
+    splits, frozen = method.prepare_data(splits, model, frozen, _ordered_batches(fabric, method, tokenizer, batch_size))
+    del models  # frozen models that prepare_data let go of are freed here
+    train_set, val_set, report = splits
 
     grouping = {}
     if data_cfg.group_by_length:
         if "input_ids" not in train_set.column_names:
             raise TunelabError("data.group_by_length=true needs token-level examples (input_ids); this method's data has none.")
-        batch = method.examples_per_batch(int(method.dataloader_kwargs.get("batch_size", 1)))
-        grouping = {"lengths": [len(ids) for ids in train_set["input_ids"]], "group_size": 64 * batch * fabric.world_size}
+        grouping = {"lengths": [len(ids) for ids in train_set["input_ids"]], "group_size": 64 * method.examples_per_batch(batch_size) * fabric.world_size}
     sampler = ResumableSampler(len(train_set), data_cfg.shuffle, data_cfg.seed, fabric.global_rank, fabric.world_size, **grouping)
     loader = _loader(train_set, method, tokenizer, sampler)
     val_loader = None
@@ -180,8 +233,6 @@ def train(cfg: DictConfig) -> RunResult:
         val_loader = _loader(val_set, method, tokenizer, val_sampler, getattr(taskpool, "batch_size", None))
     batches_per_epoch = len(loader)
 
-    optimizer = instantiate(method.optimizer, params=[p for p in model.parameters() if p.requires_grad])
-    model, optimizer = fabric.setup(model, optimizer)
     scheduler = None
     if method.lr_scheduler:
         scheduler_cfg = replace_placeholder(method.lr_scheduler, "_T_max_", method.scheduler_steps(batches_per_epoch))
@@ -190,7 +241,9 @@ def train(cfg: DictConfig) -> RunResult:
     if val_loader is not None:
         val_loader = fabric.setup_dataloaders(val_loader, use_distributed_sampler=False)
 
-    estimate = _estimate(model, method, train_set, fabric, precision, batches_per_epoch)
+    estimate = method.estimate(model, train_set, fabric.device, precision, method.total_steps(batches_per_epoch))
+    if estimate is not None and fabric.is_global_zero:
+        log.info(estimate.describe(fabric.device.type))
     state = TrainState()
     if resuming_from is not None:
         state = load_checkpoint(fabric, str(resuming_from), model=model, optimizer=optimizer, scheduler=scheduler)
@@ -205,7 +258,7 @@ def train(cfg: DictConfig) -> RunResult:
             atomic_write_text(out / "run.json", json.dumps({"started": time.strftime("%Y-%m-%d %H:%M:%S")}))
     metrics = MetricsCSV(out / "metrics.csv", resume_step=state.global_step if resuming_from else None) if fabric.is_global_zero else None
     run = Run(
-        fabric, method, model, optimizer, scheduler, loader, sampler, val_loader, taskpool, tokenizer,
+        fabric, method, model, frozen, optimizer, scheduler, loader, sampler, val_loader, taskpool, tokenizer,
         out, config_yaml, metrics, cfg.log_every_n_steps, cfg.progress_bar and fabric.is_global_zero,
     )  # fmt: skip
     result = fit(run, state, batches_per_epoch)
@@ -213,39 +266,20 @@ def train(cfg: DictConfig) -> RunResult:
         result.estimate = _check_estimate(estimate, result, fabric.device)
     result.data_report = report.as_dict()
     result.is_global_zero = fabric.is_global_zero
-    result.loss_unit = getattr(method, "loss_unit", "token")
+    result.loss_unit = method.loss_unit
     if fabric.is_global_zero:
         result.outputs = method.finalize(getattr(model, "module", model), out, tokenizer)
         result.loss_curve = plot_loss_curve(out / "metrics.csv", out / "loss_curve.png") if result.metrics_csv.exists() else None
         summary = {
             "final_checkpoint": str(result.final_checkpoint), "global_step": state.global_step,
             "epochs": state.epoch, "train_seconds": result.train_seconds, "tokens_per_s": result.tokens_per_s,
-            "supervised_tokens_per_s": result.supervised_tokens_per_s, "data": result.data_report,
-            "evaluations": {str(k): v for k, v in result.evaluations.items()},
+            "supervised_tokens_per_s": result.supervised_tokens_per_s, "loss_unit": method.loss_unit,
+            "data": result.data_report, "evaluations": {str(k): v for k, v in result.evaluations.items()},
             "trainable_parameters": trainable, "total_parameters": total,
             "outputs": {k: str(v) for k, v in result.outputs.items()}, "estimate": result.estimate,
         }  # fmt: skip
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return result
-
-
-def _estimate(model, method, train_set, fabric, precision: str, batches_per_epoch: int):
-    """Log a memory/time estimate before the first step (token-level SFT methods)."""
-    if "labels" not in getattr(train_set, "column_names", []) or not hasattr(method, "packing") or not len(train_set):
-        return None
-    sample = train_set.shuffle(seed=0).select(range(min(len(train_set), 2000))) if len(train_set) > 2000 else train_set
-    lengths = [len(ids) for ids in sample["input_ids"]]
-    supervised = [sum(1 for t in labels[1:] if t != -100) for labels in sample["labels"]]
-    estimate = estimate_run(
-        model, precision=precision, lengths=lengths, supervised=supervised, steps=method.total_steps(batches_per_epoch),
-        batch_size=int(method.dataloader_kwargs.get("batch_size", 1)), packing=method.packing,
-        accumulate=method.accumulate_grad_batches, chunked_loss=method.chunked_loss,
-        loss_chunk_size=method.loss_chunk_size, device=fabric.device,
-        fused_kernels=getattr(method, "fused_kernels", False),
-    )  # fmt: skip
-    if fabric.is_global_zero:
-        log.info(estimate.describe(fabric.device.type))
-    return estimate
 
 
 def _check_estimate(estimate, result: "RunResult", device) -> dict:
@@ -265,18 +299,33 @@ def _grad_norm(parameters) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.tensor(0.0)
 
 
-def _clip_gradients(fabric, model, optimizer, method) -> float:
-    """Clip the gradients as configured; return their total norm before clipping."""
+def _clip_gradients(fabric, model, optimizer, method) -> torch.Tensor:
+    """Clip the gradients as configured; return their total norm before clipping (on the device)."""
     if method.gradient_clip_val is not None and method.gradient_clip_algorithm == "norm":
-        return float(fabric.clip_gradients(model, optimizer, max_norm=method.gradient_clip_val))
-    norm = _grad_norm(p for p in model.parameters() if p.requires_grad).item()
+        return fabric.clip_gradients(model, optimizer, max_norm=method.gradient_clip_val)
+    norm = _grad_norm(p for p in model.parameters() if p.requires_grad)
     if method.gradient_clip_val is not None:
         fabric.clip_gradients(model, optimizer, clip_val=method.gradient_clip_val)
     return norm
 
 
+def _tokens(batch: dict) -> torch.Tensor | int:
+    """Real (non-pad) tokens in a padded or packed batch, without waiting for the device."""
+    return batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
+
+
+def _on_device(values, device) -> torch.Tensor:
+    """Numbers and 0-d tensors -> one float64 vector on the device (no wait for the device)."""
+    return torch.stack([torch.as_tensor(v).detach().to(device=device, dtype=torch.float64) for v in values])
+
+
 def fit(run: Run, state: TrainState, batches_per_epoch: int) -> RunResult:
-    """The training loop. Reads top to bottom: one optimizer step per iteration."""
+    """The training loop. Reads top to bottom: one optimizer step per iteration.
+
+    Losses, unit counts and metrics stay on the device while the step runs; the loop waits for the
+    device once per step it reads them (logging, the NaN guard, checkpoints, evaluation, the last
+    step), never per micro-batch.
+    """
     fabric, method, model, optimizer = run.fabric, run.method, run.model, run.optimizer
     total_steps = method.total_steps(batches_per_epoch)
     steps_per_epoch = method.steps_per_epoch(batches_per_epoch)
@@ -303,11 +352,22 @@ def fit(run: Run, state: TrainState, batches_per_epoch: int) -> RunResult:
                 run.metrics.log(scores, state.global_step)
             log.info("step %d: %s", state.global_step, ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
 
+    def reads_this_step(step: int, step_in_epoch: int) -> bool:
+        """Steps whose numbers are read: logged ones, and any after which something is kept."""
+        every = run.taskpool.every_n_steps
+        return (
+            step % run.log_every_n_steps == 0 or step == total_steps or step_in_epoch == steps_per_epoch
+            or (method.checkpoint_save_interval == "step" and step % method.checkpoint_save_frequency == 0)
+            or bool(every and step % every == 0)
+        )  # fmt: skip
+
     if run.taskpool.at_start and state.global_step == 0:
         evaluate()
     bar = progress_bar(total_steps, initial=state.global_step, enabled=run.show_progress, desc="Training")
-    tokens_seen = supervised_seen = 0
-    train_seconds = 0.0
+    seen = torch.zeros(2, dtype=torch.float64, device=fabric.device)  # tokens, units over the whole run
+    since_read = torch.zeros_like(seen)  # ... and since the numbers were last read
+    train_seconds = interval_seconds = 0.0
+    last_read_step = state.global_step
     model.train()
     while state.global_step < total_steps:
         step_in_epoch = math.ceil(state.batches_in_epoch / method.accumulate_grad_batches)
@@ -320,55 +380,67 @@ def fit(run: Run, state: TrainState, batches_per_epoch: int) -> RunResult:
             if not micro_batches:
                 exhausted = True
                 break
-            # Weight every supervised token equally across micro-batches and ranks, so k
-            # accumulated micro-batches give the gradient of one batch holding them all.
-            units = fabric.all_reduce(
-                torch.tensor(float(sum(method.loss_units(b) for b in micro_batches)), device=fabric.device), reduce_op="sum"
-            ).item()
-            sums: dict[str, float] = {"loss": 0.0}
+            n_micro = len(micro_batches)
+            micro_batches = method.before_step(model, run.frozen, micro_batches)
+            # Weight every unit equally across micro-batches and ranks, so k accumulated
+            # micro-batches give the gradient of one batch holding them all.
+            counts = _on_device([sum(_tokens(b) for b in micro_batches), sum(method.loss_units(b) for b in micro_batches)], fabric.device)
+            counts = fabric.all_reduce(counts, reduce_op="sum")
+            units = counts[1].clamp(min=1)
+            sums: dict[str, torch.Tensor] = {}
             for i, batch in enumerate(micro_batches):
                 with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
-                    loss_sum, _, extra = method.loss(model, batch)
+                    out = LossResult(*method.loss(model, batch))
                     # DDP averages gradients over ranks; scale back to a sum over all units.
-                    fabric.backward(loss_sum * fabric.world_size / max(units, 1))
-                for key, value in {"loss": loss_sum.detach(), **extra}.items():
-                    sums[key] = sums.get(key, 0.0) + float(value)
-            # One collective for the metrics and the non-pad token count of this step.
-            sums["tokens"] = float(sum(batch_tokens(b) for b in micro_batches))
-            totals = dict(zip(sums, fabric.all_reduce(torch.tensor(list(sums.values()), dtype=torch.float64, device=fabric.device), reduce_op="sum").tolist()))
-            tokens = totals.pop("tokens")
-            means = {key: value / max(units, 1) for key, value in totals.items()}
-            loss = means["loss"]
-            if not math.isfinite(loss):
-                where = f"the last good checkpoint is {checkpoints / (checkpoints / 'latest').read_text().strip()}" if (checkpoints / "latest").exists() else "no checkpoint had been written yet"
-                raise TunelabError(
-                    f"The training loss became {loss} at step {state.global_step + 1} (epoch {state.epoch}); the run "
-                    f"stopped before applying that update, and {where}. Lower method.optimizer.lr, set "
-                    "method.gradient_clip_val=1.0, or check the data for broken examples."
-                )
+                    fabric.backward(out.loss * fabric.world_size / units)
+                for key, value in {"loss": out.loss, **out.metrics}.items():
+                    sums[key] = sums[key] + torch.as_tensor(value).detach() if key in sums else torch.as_tensor(value).detach()
+            seen += counts
+            since_read += counts
+            read = reads_this_step(state.global_step + 1, step_in_epoch + 1)
+            if read:  # the one wait for the device this step: one collective for the metrics
+                totals = dict(zip(sums, fabric.all_reduce(_on_device(sums.values(), fabric.device), reduce_op="sum").tolist()))
+                tokens, n_units = counts.tolist()
+                means = {key: value / max(n_units, 1) for key, value in totals.items()}
+                loss = means["loss"]
+                if not math.isfinite(loss):
+                    where = f"the last good checkpoint is {checkpoints / (checkpoints / 'latest').read_text().strip()}" if (checkpoints / "latest").exists() else "no checkpoint had been written yet"
+                    unread = "" if last_read_step == state.global_step else (
+                        f" (the loss is read every log_every_n_steps={run.log_every_n_steps} steps: it may have "
+                        f"turned after step {last_read_step})")
+                    raise TunelabError(
+                        f"The training loss became {loss} at step {state.global_step + 1} (epoch {state.epoch}){unread}; the run "
+                        f"stopped before applying that update, and {where}. Lower method.optimizer.lr, set "
+                        "method.gradient_clip_val=1.0, or check the data for broken examples."
+                    )
             grad_norm = _clip_gradients(fabric, model, optimizer, method)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.global_step += 1
-            state.batches_in_epoch += len(micro_batches)
+            state.batches_in_epoch += n_micro
             step_in_epoch += 1
             if run.scheduler is not None and method.lr_scheduler_interval == "step" and state.global_step % method.lr_scheduler_frequency == 0:
                 run.scheduler.step()
 
             elapsed = time.perf_counter() - started
-            tokens_seen, supervised_seen, train_seconds = tokens_seen + tokens, supervised_seen + units, train_seconds + elapsed
-            if state.global_step % run.log_every_n_steps == 0 or state.global_step == total_steps:
-                values = {
-                    **{f"train/{key}": value for key, value in means.items()}, "train/lr": optimizer.param_groups[0]["lr"], "train/grad_norm": grad_norm,
-                    "train/tokens_per_s": tokens / elapsed, "train/supervised_tokens_per_s": units / elapsed,
-                    "train/tokens": tokens, "train/supervised_tokens": units, "train/step_seconds": elapsed,
-                    "train/epoch": state.epoch,
-                }  # fmt: skip
-                fabric.log_dict(values, step=state.global_step)
-                if run.metrics is not None:
-                    run.metrics.log(values, state.global_step)
+            train_seconds, interval_seconds = train_seconds + elapsed, interval_seconds + elapsed
+            if read:
+                if state.global_step % run.log_every_n_steps == 0 or state.global_step == total_steps:
+                    interval_tokens, interval_units = since_read.tolist()
+                    values = {
+                        **{f"train/{key}": value for key, value in means.items()}, "train/lr": optimizer.param_groups[0]["lr"],
+                        "train/grad_norm": float(grad_norm), "train/tokens_per_s": interval_tokens / interval_seconds,
+                        "train/supervised_tokens_per_s": interval_units / interval_seconds,
+                        "train/tokens": tokens, "train/supervised_tokens": n_units,
+                        "train/step_seconds": interval_seconds / (state.global_step - last_read_step), "train/epoch": state.epoch,
+                    }  # fmt: skip
+                    fabric.log_dict(values, step=state.global_step)
+                    if run.metrics is not None:
+                        run.metrics.log(values, state.global_step)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{seen[0].item() / train_seconds:.0f}")
+                last_read_step, interval_seconds = state.global_step, 0.0
+                since_read.zero_()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_seen / train_seconds:.0f}")
             if run.taskpool.every_n_steps and state.global_step % run.taskpool.every_n_steps == 0 and state.global_step < total_steps:
                 evaluate()
             if method.checkpoint_save_interval == "step" and state.global_step % method.checkpoint_save_frequency == 0:
@@ -383,7 +455,8 @@ def fit(run: Run, state: TrainState, batches_per_epoch: int) -> RunResult:
     evaluate()
     if last_saved_step != state.global_step:
         result.final_checkpoint = checkpoint()
+    tokens_seen, units_seen = seen.tolist()
     result.train_seconds = train_seconds
     result.tokens_per_s = tokens_seen / train_seconds if train_seconds else 0.0
-    result.supervised_tokens_per_s = supervised_seen / train_seconds if train_seconds else 0.0
+    result.supervised_tokens_per_s = units_seen / train_seconds if train_seconds else 0.0
     return result

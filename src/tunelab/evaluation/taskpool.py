@@ -35,21 +35,23 @@ class HeldoutLossTaskPool:
             return {}
         was_training = model.training
         model.eval()
-        sums: dict[str, float] = {"loss": 0.0, "units": 0.0}
-        with torch.no_grad():
+        sums: dict[str, torch.Tensor] = {}
+        with torch.no_grad():  # sums stay on the device until the end
             for batch in val_loader:
                 loss_sum, units, extra = method.loss(model, batch)
                 for key, value in {"loss": loss_sum, "units": units, **extra}.items():
-                    sums[key] = sums.get(key, 0.0) + float(value)
-        totals = fabric.all_reduce(torch.tensor(list(sums.values()), dtype=torch.float64, device=fabric.device), reduce_op="sum")
+                    value = torch.as_tensor(value, device=fabric.device).detach().double()
+                    sums[key] = sums[key] + value if key in sums else value
+        totals = dict(zip(sums, fabric.all_reduce(torch.stack(list(sums.values())), reduce_op="sum").tolist()))
         model.train(was_training)
-        means = {key: (value / max(totals[1].item(), 1)) for key, value in zip(sums, totals.tolist()) if key != "units"}
+        units = totals.pop("units")
+        means = {key: value / max(units, 1) for key, value in totals.items()}
         scores = {f"val/{key}": value for key, value in means.items()}
-        if not extra_metrics_only(method):
+        if method.loss_unit == "token":  # perplexity means something only for a language-modelling loss
             scores["val/perplexity"] = math.exp(min(means["loss"], 50))
-        if "accuracy" in means:
-            low, high = wilson_interval(means["accuracy"], totals[1].item())
-            scores |= {"val/accuracy_ci95_low": low, "val/accuracy_ci95_high": high, "val/pairs": totals[1].item()}
+        for key in [k for k in means if k.endswith("accuracy")]:  # e.g. accuracy, rewards/accuracy
+            low, high = wilson_interval(means[key], units)
+            scores |= {f"val/{key}_ci95_low": low, f"val/{key}_ci95_high": high, f"val/{method.loss_unit}s": units}
         return scores
 
 
@@ -60,8 +62,3 @@ def wilson_interval(p: float, n: float, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return centre - half, centre + half
-
-
-def extra_metrics_only(method) -> bool:
-    """Perplexity means something only for a token-level language-modelling loss."""
-    return getattr(method, "loss_unit", "token") != "token"

@@ -1,5 +1,15 @@
 from tunelab.methods.bradley_terry_rm import BradleyTerryRewardModeling, bradley_terry_loss
+from tunelab.methods.dpo import DirectPreferenceOptimization, preference_losses, sequence_log_probs
 from tunelab.methods.fullfinetune_sft import FullFinetuneSFT, causal_lm_loss
 from tunelab.methods.peftfinetune_sft import PeftFinetuneSFT
 
-__all__ = ["BradleyTerryRewardModeling", "FullFinetuneSFT", "PeftFinetuneSFT", "bradley_terry_loss", "causal_lm_loss"]
+__all__ = [
+    "BradleyTerryRewardModeling",
+    "DirectPreferenceOptimization",
+    "FullFinetuneSFT",
+    "PeftFinetuneSFT",
+    "bradley_terry_loss",
+    "causal_lm_loss",
+    "preference_losses",
+    "sequence_log_probs",
+]

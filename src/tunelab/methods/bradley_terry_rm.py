@@ -1,15 +1,25 @@
 """Bradley-Terry reward modeling: loss = -log sigmoid(r(x, y_chosen) - r(x, y_rejected))."""
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from tunelab.data import build_datasets
-from tunelab.data.preference import PairCollator
-from tunelab.engine.options import TrainingOptions
+from tunelab.data import PairCollator, build_datasets
+from tunelab.engine.method import DataSplits, LossResult, Method, Models
 from tunelab.errors import TunelabError
 from tunelab.methods.fullfinetune_sft import freeze_token_embedding
+
+
+def check_pair_batch_size(dataloader_kwargs: dict, whose: str, example: int) -> None:
+    """Pair methods count sequences in ``batch_size``: each pair is two, so it must be even."""
+    batch_size = int(dataloader_kwargs.get("batch_size", 2))
+    if batch_size % 2:
+        raise TunelabError(
+            f"method.dataloader_kwargs.batch_size={batch_size} is odd, but {whose} batch holds each pair as two "
+            f"sequences (chosen and rejected). Use an even number, e.g. method.dataloader_kwargs.batch_size={example}."
+        )
 
 
 def _score_head(model: torch.nn.Module) -> torch.nn.Module:
@@ -41,18 +51,18 @@ def rewards(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return scores[torch.arange(scores.shape[0], device=scores.device), last].float()
 
 
-def bradley_terry_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int, dict]:
+def bradley_terry_loss(model: torch.nn.Module, batch: dict) -> LossResult:
     """Summed -log σ(margin) over the pairs of a batch (chosen rows first), the pair count, and
     summed accuracy and margin."""
     reward = rewards(model, batch)
     pairs = reward.shape[0] // 2
     margin = reward[:pairs] - reward[pairs:]
     loss = -F.logsigmoid(margin).sum()  # log-sigmoid: stable for any margin
-    return loss, pairs, {"accuracy": (margin > 0).sum().item(), "margin": margin.detach().sum().item()}
+    return LossResult(loss, pairs, {"accuracy": (margin > 0).sum(), "margin": margin.detach().sum()})
 
 
 @dataclass
-class BradleyTerryRewardModeling(TrainingOptions):
+class BradleyTerryRewardModeling(Method):
     """Train a scalar reward model on (prompt, chosen, rejected) pairs. ``batch_size`` counts
     sequences, so it must be even: each pair is two rows, chosen and rejected."""
 
@@ -61,22 +71,15 @@ class BradleyTerryRewardModeling(TrainingOptions):
     fix_token_embedding: bool = True
     """Freeze the input token embeddings."""
 
-    loss_unit = "pair"
+    loss_unit: ClassVar[str] = "pair"
 
     def check(self) -> None:
         super().check()
-        batch_size = int(self.dataloader_kwargs.get("batch_size", 2))
-        if batch_size % 2:
-            raise TunelabError(
-                f"method.dataloader_kwargs.batch_size={batch_size} is odd, but a reward-model batch holds each pair as two "
-                "rows (chosen and rejected). Use an even number, e.g. method.dataloader_kwargs.batch_size=2."
-            )
+        check_pair_batch_size(self.dataloader_kwargs, "a reward-model", example=2)
 
-    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        return freeze_token_embedding(model) if self.fix_token_embedding else model
-
-    def finalize(self, model: torch.nn.Module, output_dir, tokenizer) -> dict:
-        return {}
+    def build_models(self, pool, tokenizer) -> Models:
+        model = pool.load_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+        return Models(freeze_token_embedding(model) if self.fix_token_embedding else model)
 
     def examples_per_batch(self, batch_size: int) -> int:
         return max(1, batch_size // 2)
@@ -84,12 +87,12 @@ class BradleyTerryRewardModeling(TrainingOptions):
     def build_data(self, data_cfg, tokenizer):
         if data_cfg.format != "preference":
             raise TunelabError(f"Reward modeling reads preference pairs: set data.format=preference (it is {data_cfg.format!r}).")
-        return build_datasets(data_cfg, tokenizer, self.max_length)
+        return DataSplits(*build_datasets(data_cfg, tokenizer, self.max_length))
 
     def collate_fn(self, tokenizer):
         return PairCollator(tokenizer.pad_token_id)
 
-    def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int, dict]:
+    def loss(self, model: torch.nn.Module, batch: dict) -> LossResult:
         return bradley_terry_loss(model, batch)
 
     def loss_units(self, batch: dict) -> int:

@@ -8,17 +8,18 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.data import IGNORE_INDEX, PackCollator, PadCollator, build_datasets
-from tunelab.engine.options import TrainingOptions
+from tunelab.engine.method import DataSplits, LossResult, Method, Models
 from tunelab.models.kernels import (
     autocast_dtype, compile_decoder_layers, linear_cross_entropy, rotary_in_compute_dtype, use_fused_norm_and_mlp, use_packed_attention,
 )
+from tunelab.planning import estimate_run
 
 log = logging.getLogger(__name__)
 
 
-def supervised_token_count(batch: dict) -> int:
+def supervised_token_count(batch: dict) -> torch.Tensor:
     """Tokens that carry loss: labels shifted by one, as the model predicts the next token."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
 def model_inputs(batch: dict) -> dict:
@@ -27,7 +28,7 @@ def model_inputs(batch: dict) -> dict:
     return {name: batch[name] for name in names if name in batch}
 
 
-def causal_lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int, dict]:
+def causal_lm_loss(model: torch.nn.Module, batch: dict) -> LossResult:
     """Summed next-token cross-entropy over supervised tokens, and their count (the reference path).
 
     Returning the sum (not the mean) lets the engine weight every token equally across
@@ -39,7 +40,7 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, i
     loss = F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    return loss, int((labels != IGNORE_INDEX).sum()), {}
+    return LossResult(loss, (labels != IGNORE_INDEX).sum(), {})
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -62,14 +63,14 @@ def supports_chunked_loss(model: torch.nn.Module) -> bool:
     )  # fmt: skip
 
 
-def chunked_causal_lm_loss(model: torch.nn.Module, batch: dict, chunk_rows: int = 1024) -> tuple[torch.Tensor, int, dict]:
-    """The same loss as ``causal_lm_loss``, with the output head applied only where the next token
-    is supervised and in chunks of rows (``models.kernels.linear_cross_entropy``).
+def final_hidden_states(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.dtype | None]:
+    """The decoder's last hidden states (rows, positions, hidden) and the dtype the forward computed
+    in, from the model's own forward with no logits formed.
 
     The model runs through its own forward (so Fabric's precision and DDP's hooks apply) with
-    ``logits_to_keep`` empty; the final hidden states are taken from the decoder's output. The head
-    runs in the precision the forward ran in: Fabric's autocast covers only the model's forward,
-    so it is read inside it (outside, a bf16-mixed run would compute the head in float32).
+    ``logits_to_keep`` empty; the hidden states are taken from the decoder's output. The head is
+    then applied in the precision the forward ran in: Fabric's autocast covers only the model's
+    forward, so it is read inside it (outside, a bf16-mixed run would compute the head in float32).
     """
     inner = _unwrap(model)
     captured = {}
@@ -84,12 +85,18 @@ def chunked_causal_lm_loss(model: torch.nn.Module, batch: dict, chunk_rows: int 
         model(**model_inputs(batch), use_cache=False, logits_to_keep=no_positions)
     finally:
         handle.remove()
+    return captured["hidden"], captured["dtype"]
+
+
+def chunked_causal_lm_loss(model: torch.nn.Module, batch: dict, chunk_rows: int = 1024) -> LossResult:
+    """The same loss as ``causal_lm_loss``, with the output head applied only where the next token
+    is supervised and in chunks of rows (``models.kernels.linear_cross_entropy``)."""
+    hidden, dtype = final_hidden_states(model, batch)
     targets = batch["labels"][:, 1:]
     supervised = targets != IGNORE_INDEX
-    hidden = captured["hidden"][:, :-1][supervised]
-    weight = inner.get_output_embeddings().weight
-    loss = linear_cross_entropy(hidden, weight, targets[supervised], chunk_rows=chunk_rows, compute_dtype=captured["dtype"])
-    return loss, int(supervised.sum()), {}
+    weight = _unwrap(model).get_output_embeddings().weight
+    loss = linear_cross_entropy(hidden[:, :-1][supervised], weight, targets[supervised], chunk_rows=chunk_rows, compute_dtype=dtype)
+    return LossResult(loss, supervised.sum(), {})
 
 
 def freeze_token_embedding(model: torch.nn.Module) -> torch.nn.Module:
@@ -100,7 +107,7 @@ def freeze_token_embedding(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @dataclass
-class FullFinetuneSFT(TrainingOptions):
+class FullFinetuneSFT(Method):
     """Supervised fine-tuning of every weight (the token embeddings optionally frozen);
     the loss is the model's cross-entropy on assistant tokens only."""
 
@@ -126,13 +133,17 @@ class FullFinetuneSFT(TrainingOptions):
     ten seconds of compiling in the first two steps. Without a GPU it needs a C++ compiler (g++ or
     $CXX); where none is found the run trains uncompiled and says so. false: eager."""
 
-    def build_data(self, data_cfg, tokenizer):
-        return build_datasets(data_cfg, tokenizer, self.max_length)
+    def build_data(self, data_cfg, tokenizer) -> DataSplits:
+        return DataSplits(*build_datasets(data_cfg, tokenizer, self.max_length))
+
+    def build_models(self, pool, tokenizer) -> Models:
+        return Models(self.prepare_model(pool.load_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)))
 
     def collate_fn(self, tokenizer):
         return PackCollator() if self.packing else PadCollator(tokenizer.pad_token_id)
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The fast paths this method's options ask for, on a freshly loaded model."""
         if self.packing:
             use_packed_attention(model)
         if self.fused_kernels:
@@ -145,16 +156,25 @@ class FullFinetuneSFT(TrainingOptions):
             self.chunked_loss = False
         return freeze_token_embedding(model) if self.fix_token_embedding else model
 
-    def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int, dict]:
+    def loss(self, model: torch.nn.Module, batch: dict) -> LossResult:
         if self.chunked_loss:
             return chunked_causal_lm_loss(model, batch, self.loss_chunk_size)
         return causal_lm_loss(model, batch)
 
-    def finalize(self, model: torch.nn.Module, output_dir, tokenizer) -> dict:
-        """Work after the last checkpoint, on rank 0; returns named output paths (none here)."""
-        return {}
-
-    def loss_units(self, batch: dict) -> int:
+    def loss_units(self, batch: dict) -> torch.Tensor:
         """What ``loss`` sums over (supervised tokens), counted before the forward pass so the
         engine can weight accumulated micro-batches."""
         return supervised_token_count(batch)
+
+    def estimate(self, model: torch.nn.Module, train_set, device, precision: str, steps: int):
+        """Memory and time before the first step, from a sample of the tokenized examples."""
+        if not len(train_set):
+            return None
+        sample = train_set.shuffle(seed=0).select(range(2000)) if len(train_set) > 2000 else train_set
+        return estimate_run(
+            model, precision=precision, lengths=[len(ids) for ids in sample["input_ids"]],
+            supervised=[sum(1 for t in labels[1:] if t != IGNORE_INDEX) for labels in sample["labels"]], steps=steps,
+            batch_size=int(self.dataloader_kwargs.get("batch_size", 1)), packing=self.packing,
+            accumulate=self.accumulate_grad_batches, chunked_loss=self.chunked_loss,
+            loss_chunk_size=self.loss_chunk_size, device=device, fused_kernels=self.fused_kernels,
+        )  # fmt: skip

@@ -51,6 +51,16 @@ def adapters_follow_autocast(model: torch.nn.Module) -> int:
     return len(layers)
 
 
+def apply_peft(model: torch.nn.Module, peft_config: dict, adapter_name: str, fused_kernels: bool) -> torch.nn.Module:
+    """Wrap a prepared model in a peft adapter from a ``_target_`` config node."""
+    from peft import get_peft_model
+
+    model = get_peft_model(model, instantiate(_peft_node(peft_config)), adapter_name=adapter_name)
+    if fused_kernels:
+        adapters_follow_autocast(model)
+    return model
+
+
 @dataclass
 class PeftFinetuneSFT(FullFinetuneSFT):
     """SFT that trains only an adapter from the ``peft`` library; the base weights stay frozen."""
@@ -67,13 +77,9 @@ class PeftFinetuneSFT(FullFinetuneSFT):
     """peft: checkpoints are adapter folders that PeftModel.from_pretrained loads."""
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        from peft import get_peft_model
-
-        model = get_peft_model(super().prepare_model(model), instantiate(_peft_node(self.peft_config)), adapter_name=self.adapter_name)
+        model = apply_peft(super().prepare_model(model), self.peft_config, self.adapter_name, self.fused_kernels)
         if self.chunked_loss and not supports_chunked_loss(model):  # e.g. an adapter on the output head
             self.chunked_loss = False
-        if self.fused_kernels:
-            adapters_follow_autocast(model)
         return model
 
     def finalize(self, model: torch.nn.Module, output_dir: Path, tokenizer) -> dict:

@@ -11,6 +11,8 @@
 - ``linear_cross_entropy``: the output projection and cross-entropy of the given hidden states,
   computed in chunks of rows with the gradient formed on the way, so the logits of the full
   vocabulary never exist for more than one chunk and are never kept for the backward pass.
+- ``linear_log_probs``: the same head, returning each row's log-probability of its target (what
+  preference losses sum per sequence); its backward recomputes the logits chunk by chunk.
 """
 
 import logging
@@ -169,8 +171,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     SOFTMAX_ROWS = 8  # 8 rows of a 49k vocabulary in float32 are 1.5 MiB: they stay in L2 (32 rows did not)
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows: int, compute_dtype: torch.dtype):
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, hidden, weight, targets, chunk_rows: int, grad_enabled: bool, compute_dtype: torch.dtype):
+        # needs_input_grad reflects requires_grad only, also under no_grad (evaluation of a
+        # trainable head): the caller's grad mode decides whether gradients are formed at all.
+        need_hidden, need_weight = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
         need_grad = need_hidden or need_weight
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -208,7 +212,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -223,7 +227,74 @@ def linear_cross_entropy(
     compute_dtype = compute_dtype or autocast_dtype(device) or torch.promote_types(hidden.dtype, weight.dtype)
     if hidden.shape[0] == 0:
         return (hidden.sum() + weight.sum()) * 0.0  # keeps the graph (and DDP) whole when nothing is supervised
-    return _LinearCrossEntropy.apply(hidden, weight, targets, max(1, chunk_rows), compute_dtype)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, max(1, chunk_rows), torch.is_grad_enabled(), compute_dtype)
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    """log softmax(hidden_i @ weight.T)[target_i] for every row, without the logits of more than one
+    chunk of rows existing at a time.
+
+    Unlike the summed cross-entropy above, a per-row result feeds a loss that is not a plain sum
+    (DPO's log-sigmoid of differences of sums), so the gradient cannot be formed during the forward
+    pass. The forward keeps each row's log-sum-exp; the backward recomputes a chunk's logits, turns
+    them into ``g_i * (one_hot - softmax)`` in place and applies the two gradient matmuls.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows: int, grad_enabled: bool, compute_dtype: torch.dtype):
+        rows = hidden.shape[0]
+        log_probs = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(compute_dtype)
+            for start in range(0, rows, chunk_rows):
+                logits = hidden[start : start + chunk_rows].to(compute_dtype) @ w.T
+                for row in range(0, logits.shape[0], _LinearCrossEntropy.SOFTMAX_ROWS):
+                    block = logits[row : row + _LinearCrossEntropy.SOFTMAX_ROWS].float()
+                    at = slice(start + row, start + row + block.shape[0])
+                    lse[at] = torch.logsumexp(block, dim=-1)
+                    log_probs[at] = block.gather(1, targets[at, None]).squeeze(1) - lse[at]
+        if grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk_rows, ctx.compute_dtype = chunk_rows, compute_dtype
+        return log_probs
+
+    @staticmethod
+    def backward(ctx, grad_log_probs):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_log_probs = grad_log_probs.float()
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(ctx.compute_dtype)
+            for start in range(0, hidden.shape[0], ctx.chunk_rows):
+                h = hidden[start : start + ctx.chunk_rows].to(ctx.compute_dtype)
+                logits = h @ w.T
+                for row in range(0, logits.shape[0], _LinearCrossEntropy.SOFTMAX_ROWS):
+                    x = logits[row : row + _LinearCrossEntropy.SOFTMAX_ROWS].float()
+                    at = slice(start + row, start + row + x.shape[0])
+                    g = grad_log_probs[at, None]
+                    x.sub_(lse[at, None]).exp_().mul_(-g)  # d(log p_target)/d(logits) = one_hot - softmax
+                    x.scatter_add_(1, targets[at, None], g)
+                    logits[row : row + x.shape[0]] = x
+                if need_hidden:
+                    grad_hidden[start : start + ctx.chunk_rows] = logits @ w
+                if need_weight:
+                    grad_weight += logits.T @ h
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None, None
+
+
+def linear_log_probs(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 1024, compute_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Per-row log-probability of ``targets`` under ``softmax(hidden @ weight.T)`` (float32, one
+    value per row), computed ``chunk_rows`` rows at a time: the full-vocabulary logits never exist.
+    The matmuls run in ``compute_dtype`` (default: the autocast dtype, else the inputs' dtype)."""
+    compute_dtype = compute_dtype or autocast_dtype(hidden.device.type) or torch.promote_types(hidden.dtype, weight.dtype)
+    if hidden.shape[0] == 0:
+        return (hidden.sum(dim=-1) + weight.sum() * 0).float()  # empty, and the graph (and DDP) stays whole
+    return _LinearLogProbs.apply(hidden, weight, targets, max(1, chunk_rows), torch.is_grad_enabled(), compute_dtype)
 
 
 # ----------------------------------------------------------------------------- RMSNorm and SwiGLU

@@ -1,0 +1,107 @@
+"""The method protocol: everything the engine calls on a method, in the order it calls it.
+
+A method (SFT, reward modeling, DPO, and later GRPO, PPO, pretraining) says what is optimised;
+the engine (``engine/trainer.py``) runs every method the same way. The engine knows a method only
+through ``Method`` below:
+
+1. ``check()``: refuse option combinations that cannot run, before anything is loaded.
+2. ``build_data(data_cfg, tokenizer)``: files -> tokenized train/validation splits and a report.
+3. ``build_models(pool, tokenizer)``: the trained model and any frozen models the method needs
+   (a DPO reference, a reward model, ...). The engine sets every one of them up through Fabric on
+   the same device, precision and strategy; frozen ones in eval mode with no gradients. A method
+   never moves a model to a device.
+4. ``prepare_data(splits, model, frozen, batches)``: once, after set-up and before the first step;
+   it may run the models over the data (``batches(dataset)`` yields collated device batches in
+   order) and returns the splits and the frozen models still needed for training (DPO with
+   precomputed reference log-probabilities returns none, and the engine frees the reference).
+   It runs on every rank at once (sharded or DDP-wrapped models communicate in their forward).
+5. ``collate_fn(tokenizer)`` and ``examples_per_batch(batch_size)``: how dataset items become a
+   batch.
+6. Every optimizer step: ``before_step(model, frozen, batches)`` on the step's micro-batches
+   (already on the device) before any loss is taken; online methods generate there with the
+   current weights, DPO adds its live reference's log-probabilities. Then per micro-batch
+   ``loss_units(batch)`` (what the loss is normalised by, counted before the forward pass) and
+   ``loss(model, batch)`` -> ``LossResult``.
+7. ``finalize(model, output_dir, tokenizer)``: work after the last checkpoint, on rank 0.
+
+``loss_unit`` names what the units are (supervised tokens, pairs, sequences); the engine weights
+every unit equally across micro-batches and devices and reports throughput in them.
+"""
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Iterator, NamedTuple
+
+import torch
+
+from tunelab.engine.options import TrainingOptions
+
+
+class LossResult(NamedTuple):
+    """What ``Method.loss`` returns for one micro-batch."""
+
+    loss: torch.Tensor
+    """The loss summed (not averaged) over the batch's units, so the engine can weight units equally."""
+    units: int | torch.Tensor
+    """How many units the sum runs over (supervised tokens, pairs, ...)."""
+    metrics: dict
+    """Extra metrics, each summed over the same units (the engine divides by the step's units)."""
+
+
+class DataSplits(NamedTuple):
+    train: object
+    val: object | None
+    report: object
+
+
+@dataclass
+class Models:
+    """What ``build_models`` returns: the model the optimizer trains, and frozen helpers by name."""
+
+    trained: torch.nn.Module
+    frozen: dict[str, torch.nn.Module] = field(default_factory=dict)
+
+
+Batches = Callable[[object], Iterator[dict]]
+
+
+class Method(TrainingOptions, ABC):
+    """Base class of every training method. Subclasses are dataclasses; their fields are the
+    method's config options (``method.*``), next to the engine options of ``TrainingOptions``."""
+
+    loss_unit: ClassVar[str] = "token"
+    """What ``loss_units`` counts: 'token' (supervised tokens), 'pair', 'sequence'."""
+
+    @abstractmethod
+    def build_data(self, data_cfg, tokenizer) -> DataSplits:
+        ...
+
+    @abstractmethod
+    def build_models(self, pool, tokenizer) -> Models:
+        ...
+
+    def prepare_data(self, splits: DataSplits, model: torch.nn.Module, frozen: dict, batches: Batches) -> tuple[DataSplits, dict]:
+        return splits, frozen
+
+    @abstractmethod
+    def collate_fn(self, tokenizer) -> Callable[[list[dict]], dict]:
+        ...
+
+    def before_step(self, model: torch.nn.Module, frozen: dict, batches: list[dict]) -> list[dict]:
+        return batches
+
+    @abstractmethod
+    def loss_units(self, batch: dict) -> int | torch.Tensor:
+        ...
+
+    @abstractmethod
+    def loss(self, model: torch.nn.Module, batch: dict) -> LossResult:
+        ...
+
+    def finalize(self, model: torch.nn.Module, output_dir, tokenizer) -> dict:
+        """Returns named output paths (e.g. ``{"merged": path}``); none by default."""
+        return {}
+
+    def estimate(self, model: torch.nn.Module, train_set, device, precision: str, steps: int):
+        """A ``planning.RunEstimate`` of memory and time before the first step, or None."""
+        return None
