@@ -26,6 +26,8 @@ class DistillFromTeacher(Method):
 
     rows: int = 12
     length: int = 10
+    nan_at_step: int = 0
+    """> 0: the loss of that step's micro-batches is NaN (to test the guard)."""
 
     loss_unit: ClassVar[str] = "sequence"
 
@@ -68,20 +70,25 @@ class DistillFromTeacher(Method):
             raise TunelabError("the per-step hook did not run")
         logits = model(input_ids=batch["input_ids"]).logits
         per_row = (logits - batch["target"]).pow(2).mean(dim=(1, 2))
+        if self.nan_at_step and CALLS.count("before_step:2") == self.nan_at_step:
+            per_row = per_row * float("nan")
         return LossResult(per_row.sum(), batch["input_ids"].shape[0], {"worst": per_row.detach().max() * per_row.shape[0]})
+
+
+def distill_config(out, *overrides: str, **options):
+    cfg = compose_config([f"output_dir={out}", "progress_bar=false", "fabric.precision=32-true", "modelpool=CausalLMPool/tiny-llama", *overrides])
+    cfg.method = OmegaConf.merge(
+        {key: cfg.method[key] for key in ("optimizer", "dataloader_kwargs")},
+        {"_target_": f"{__name__}.DistillFromTeacher", "max_epochs": 4, "accumulate_grad_batches": 2, "lr_scheduler": None, **options},
+    )
+    cfg.method.optimizer.lr = 1e-2
+    cfg.method.dataloader_kwargs.batch_size = 3
+    return cfg
 
 
 def test_a_method_defined_outside_the_package_trains_through_the_protocol(tmp_path):
     CALLS.clear()
-    cfg = compose_config([f"output_dir={tmp_path / 'run'}", "progress_bar=false", "fabric.precision=32-true",
-                          "modelpool=CausalLMPool/tiny-llama"])  # fmt: skip
-    cfg.method = OmegaConf.merge(
-        {key: cfg.method[key] for key in ("optimizer", "dataloader_kwargs")},
-        {"_target_": f"{__name__}.DistillFromTeacher", "max_epochs": 4, "accumulate_grad_batches": 2, "lr_scheduler": None},
-    )
-    cfg.method.optimizer.lr = 1e-2
-    cfg.method.dataloader_kwargs.batch_size = 3
-    result = train(cfg)
+    result = train(distill_config(tmp_path / "run"))
 
     # 12 rows, batch 3, 2 micro-batches a step: 2 steps an epoch, 8 in all
     assert result.state.global_step == 8 and result.loss_unit == "sequence"
@@ -102,3 +109,16 @@ def test_a_target_that_is_not_a_method_is_refused(tmp_path):
     cfg.method = OmegaConf.create({"_target_": "collections.OrderedDict"})
     with pytest.raises(TunelabError, match="not a tunelab.engine.Method"):
         train(cfg)
+
+
+def test_numbers_are_read_only_on_logged_steps_and_the_nan_guard_says_so(tmp_path):
+    """With log_every_n_steps=3 the loop reads the device on steps 3, 6 and the epoch ends
+    (2, 4, ...); a loss that turns NaN on step 1 is caught on step 2, which says it may be earlier."""
+    CALLS.clear()
+    with pytest.raises(TunelabError, match=r"became nan at step 2 .*may have turned after step 0.*no checkpoint"):
+        train(distill_config(tmp_path / "nan", "log_every_n_steps=3", nan_at_step=1))
+    CALLS.clear()
+    result = train(distill_config(tmp_path / "ok", "log_every_n_steps=3"))
+    with open(tmp_path / "ok/metrics.csv") as f:
+        logged = [int(r["step"]) for r in csv.DictReader(f)]
+    assert logged == [3, 6, 8] and result.state.global_step == 8

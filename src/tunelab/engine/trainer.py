@@ -25,6 +25,7 @@ from tunelab.engine.checkpoint import TrainState, atomic_write_text, load_checkp
 from tunelab.engine.method import LossResult, Method
 from tunelab.engine.metrics import MetricsCSV, plot_loss_curve
 from tunelab.errors import TunelabError
+from tunelab.evaluation import TaskPool
 from tunelab.planning import measured_peak_gib
 from tunelab.progress import progress_bar
 
@@ -193,7 +194,9 @@ def train(cfg: DictConfig) -> RunResult:
     with fabric.rank_zero_first():
         splits = method.build_data(data_cfg, tokenizer)
     taskpool = instantiate(cfg.taskpool)
-    if getattr(taskpool, "needs_validation", False) and splits.val is None:
+    if not isinstance(taskpool, TaskPool):
+        raise TunelabError(f"taskpool._target_ builds a {type(taskpool).__name__}, which is not a tunelab.evaluation.TaskPool.")
+    if taskpool.needs_validation and splits.val is None:
         raise TunelabError(
             "The task pool evaluates on a validation split but there is none: set data.val_fraction=0.1 "
             "or data.val_path=FILE, or use taskpool=dummy."
@@ -230,7 +233,7 @@ def train(cfg: DictConfig) -> RunResult:
     val_loader = None
     if val_set is not None:
         val_sampler = ResumableSampler(len(val_set), False, 0, fabric.global_rank, fabric.world_size)
-        val_loader = _loader(val_set, method, tokenizer, val_sampler, getattr(taskpool, "batch_size", None))
+        val_loader = _loader(val_set, method, tokenizer, val_sampler, taskpool.batch_size)
     batches_per_epoch = len(loader)
 
     scheduler = None

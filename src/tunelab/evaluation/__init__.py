@@ -1,3 +1,3 @@
-from tunelab.evaluation.taskpool import DummyTaskPool, HeldoutLossTaskPool
+from tunelab.evaluation.taskpool import DummyTaskPool, HeldoutLossTaskPool, TaskPool
 
-__all__ = ["DummyTaskPool", "HeldoutLossTaskPool"]
+__all__ = ["DummyTaskPool", "HeldoutLossTaskPool", "TaskPool"]

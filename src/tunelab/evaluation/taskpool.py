@@ -5,18 +5,24 @@ import math
 import torch
 
 
-class DummyTaskPool:
-    """No evaluation."""
+class TaskPool:
+    """What the engine reads of a task pool: when to evaluate, whether a validation split is
+    needed, the validation batch size (None: the method's), and ``evaluate``."""
 
-    every_n_steps = 0
-    at_start = False
-    needs_validation = False
+    every_n_steps: int = 0
+    at_start: bool = False
+    needs_validation: bool = False
+    batch_size: int | None = None
 
     def evaluate(self, fabric, model, method, val_loader) -> dict[str, float]:
         return {}
 
 
-class HeldoutLossTaskPool:
+class DummyTaskPool(TaskPool):
+    """No evaluation."""
+
+
+class HeldoutLossTaskPool(TaskPool):
     """Mean per-token loss (and perplexity) on the validation split.
 
     Args:
