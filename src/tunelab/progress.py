@@ -6,8 +6,17 @@ import sys
 from tqdm.auto import tqdm
 
 
+_SHOWN = True  # off for the whole process: progress_bar=false, or a rank other than 0
+
+
+def show_progress(shown: bool) -> None:
+    """Turn every progress bar of this process on or off (the engine calls it once per run)."""
+    global _SHOWN
+    _SHOWN = shown
+
+
 def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str = ""):
-    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True, file=sys.stderr)
+    return tqdm(total=total, initial=initial, disable=not (enabled and _SHOWN), desc=desc, dynamic_ncols=True, file=sys.stderr)
 
 
 def setup_logging(debug: bool = False) -> None:

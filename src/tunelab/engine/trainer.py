@@ -27,7 +27,7 @@ from tunelab.engine.metrics import MetricsCSV, plot_loss_curve
 from tunelab.errors import TunelabError
 from tunelab.evaluation import TaskPool
 from tunelab.planning import measured_peak_gib
-from tunelab.progress import progress_bar
+from tunelab.progress import progress_bar, show_progress
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +185,7 @@ def train(cfg: DictConfig) -> RunResult:
             "method.save_ckpt_type=lightning (Fabric's sharded checkpoint), or fabric=ddp for hf/peft folders."
         )
     fabric.launch()
+    show_progress(cfg.progress_bar and fabric.is_global_zero)  # also the bars methods show (e.g. DPO's reference pass)
     if fabric.device.type == "cpu" and cfg.get("cpu_allocator", "tuned") == "tuned":
         tune_cpu_allocator()
     fabric.seed_everything(cfg.seed, verbose=False)
