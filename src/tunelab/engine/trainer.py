@@ -398,7 +398,8 @@ def fit(run: Run, state: TrainState, batches_per_epoch: int) -> RunResult:
                     # DDP averages gradients over ranks; scale back to a sum over all units.
                     fabric.backward(out.loss * fabric.world_size / units)
                 for key, value in {"loss": out.loss, **out.metrics}.items():
-                    sums[key] = sums[key] + torch.as_tensor(value).detach() if key in sums else torch.as_tensor(value).detach()
+                    value = torch.as_tensor(value).detach()
+                    sums[key] = sums[key] + value if key in sums else value
             seen += counts
             since_read += counts
             read = reads_this_step(state.global_step + 1, step_in_epoch + 1)

@@ -224,11 +224,7 @@ class DirectPreferenceOptimization(FullFinetuneSFT):
     def prepare_reference(self, model: torch.nn.Module) -> torch.nn.Module:
         """The same fast paths as the policy (it reads the same packed batches), uncompiled: it
         runs without gradients, where compiling would cost more than it saves."""
-        compile_policy, self.compile = self.compile, False
-        try:
-            return self.prepare_model(model)
-        finally:
-            self.compile = compile_policy
+        return self.prepare_model(model, compile=False)
 
     def collate_fn(self, tokenizer):
         return CompletionPairCollator(tokenizer.pad_token_id, self.packing)

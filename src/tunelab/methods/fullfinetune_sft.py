@@ -142,14 +142,15 @@ class FullFinetuneSFT(Method):
     def collate_fn(self, tokenizer):
         return PackCollator() if self.packing else PadCollator(tokenizer.pad_token_id)
 
-    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The fast paths this method's options ask for, on a freshly loaded model."""
+    def prepare_model(self, model: torch.nn.Module, compile: bool | None = None) -> torch.nn.Module:
+        """The fast paths this method's options ask for, on a freshly loaded model
+        (``compile``: override ``self.compile``, e.g. for a frozen model)."""
         if self.packing:
             use_packed_attention(model)
         if self.fused_kernels:
             log.info("Fused RMSNorm/SwiGLU in %d modules", use_fused_norm_and_mlp(model))
             rotary_in_compute_dtype(model)
-        if self.compile:
+        if self.compile if compile is None else compile:
             log.info("torch.compile on %d modules (compiled at the first steps)", compile_decoder_layers(model))
         if self.chunked_loss and not supports_chunked_loss(model):
             log.info("This model's output head does not fit the chunked loss; using the plain loss")
