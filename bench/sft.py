@@ -98,6 +98,20 @@ def heldout_loss(model, rows: list[dict], pad_id: int, device: str, batch_size: 
     return total / count
 
 
+def flops_per_token(config: dict, mean_length: float) -> float:
+    """Training FLOPs per real token of a Llama-shaped model: 6 x the matmul parameters (the
+    output head included, as if every token's logits were formed) plus causal attention over an
+    example of ``mean_length`` tokens. The same count for every trainer, so MFU compares the
+    useful work each gets through per second (work a trainer skips, like padding, or logits of
+    unsupervised tokens, does not count)."""
+    hidden, layers, vocab = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    q, kv = config["num_attention_heads"] * head_dim, config.get("num_key_value_heads", config["num_attention_heads"]) * head_dim
+    per_layer = hidden * (2 * q + 2 * kv) + 3 * hidden * config["intermediate_size"]
+    attention = 6 * layers * q * mean_length  # QK^T and AV: 2 x 2 x q x length per token forward, halved (causal), x3 with backward
+    return 6 * (layers * per_layer + vocab * hidden) + attention
+
+
 def throughput(steps: list[dict], warmup: int = 1) -> dict:
     """tokens/s over the steps after ``warmup``; each step holds seconds, tokens, supervised."""
     timed = steps[warmup:] or steps
@@ -216,6 +230,7 @@ def run_tunelab(name: str, run: dict, spec: dict) -> dict:
         f"method.max_steps={spec['steps']}", "method.max_epochs=-1", f"method.dataloader_kwargs.batch_size={spec['batch_size']}",
         f"method.max_length={spec['max_length']}", "method.optimizer.weight_decay=0.0", "method.lr_scheduler=null",
         "method.gradient_clip_val=1.0", "taskpool=dummy", f"output_dir={out}", "overwrite=true", "progress_bar=false", "seed=0",
+        "method.checkpoint_save_interval=step", f"method.checkpoint_save_frequency={spec['steps'] + 1}",  # the final one only
         f"fabric.accelerator={spec['device']}",
     ] + run["overrides"]  # fmt: skip
     cfg = compose_config(overrides)
@@ -293,16 +308,19 @@ def prepare(args) -> dict:
         AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(model_dir)
     else:
         model_dir = str(pool._hf_dir(args.model, "--model", "model"))
+    lengths = []
     for split in ("train", "heldout"):
         data_cfg = DataConfig(path=str(workdir / f"{split}.jsonl"), format="openai", shuffle=False)
         dataset, _, report = build_datasets(data_cfg, tokenizer, args.max_length)
         rows = [{"input_ids": list(e["input_ids"]), "labels": list(e["labels"])} for e in dataset]
         (workdir / f"{split}_tokens.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        lengths += [len(r["input_ids"]) for r in rows] if split == "train" else []
         print(f"{split}: {report.train.examples} examples, {report.train.tokens} tokens, {report.train.supervised_tokens} supervised")
     return {
         "workdir": str(workdir), "tokenizer_dir": str(tokenizer_dir), "model_dir": model_dir, "model_config": args.model_config,
         "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length, "lr": args.lr, "lora_lr": args.lora_lr,
-        "device": args.device,
+        "device": args.device, "peak_tflops": args.peak_tflops,
+        "flops_per_token": flops_per_token(json.loads(Path(model_dir, "config.json").read_text()), sum(lengths) / len(lengths)),
     }  # fmt: skip
 
 
@@ -327,23 +345,27 @@ def table(results: dict, spec: dict) -> str:
     trl_default_mem = done.get("trl-default", {}).get("peak_memory_gib")
     trl_lora_mem = done.get("trl-lora", {}).get("peak_memory_gib")
     memory = "peak GPU memory" if spec["device"] == "cuda" else "peak RSS"
+    per_token = spec.get("flops_per_token")
+    peak = spec.get("peak_tflops")
+    mfu_head, mfu_rule = (" MFU |", " ---: |") if per_token and peak else ("", "")
     lines = [
-        f"| run | tokens/s | supervised tokens/s | x best peer | {memory} (GiB) | x TRL default | held-out loss | examples | what |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        f"| run | tokens/s | supervised tokens/s | x best peer | {memory} (GiB) | x TRL default |{mfu_head} held-out loss | examples | what |",
+        f"| --- | ---: | ---: | ---: | ---: | ---: |{mfu_rule} ---: | ---: | --- |",
     ]
     for name, value in results.items():
         if name == "base":
             continue
         about = RUNS[name]["about"]
         if "error" in value or "skipped" in value:
-            lines.append(f"| {name} | - | - | - | - | - | - | - | {about}: **{value.get('skipped') or 'failed: ' + value['error']}** |")
+            lines.append(f"| {name} | - | - | - | - | - |{' - |' if mfu_head else ''} - | - | {about}: **{value.get('skipped') or 'failed: ' + value['error']}** |")
             continue
         lora = RUNS[name].get("lora")
         best, mem_ref = (best_lora, trl_lora_mem) if lora else (best_full, trl_default_mem)
         lines.append(
             f"| {name} | {value['tokens_per_s']:.0f} | {value['supervised_tokens_per_s']:.1f} | "
             f"{fmt(value['supervised_tokens_per_s'] / best if best else None, '{:.2f}x')} | {value['peak_memory_gib']:.2f} | "
-            f"{fmt(value['peak_memory_gib'] / mem_ref if mem_ref else None, '{:.2f}x')} | {value['heldout_loss']:.4f} | "
+            f"{fmt(value['peak_memory_gib'] / mem_ref if mem_ref else None, '{:.2f}x')} |"
+            f"{' {:.1%} |'.format(value['tokens_per_s'] * per_token / (peak * 1e12)) if mfu_head else ''} {value['heldout_loss']:.4f} | "
             f"{value['examples']} | {about} |"
         )
     base = results.get("base", {}).get("heldout_loss")
@@ -351,6 +373,8 @@ def table(results: dict, spec: dict) -> str:
     lines.append(
         f"Held-out loss before training: {fmt(base, '{:.4f}')}. LoRA rows are compared with the LoRA peers "
         "(speed: best TRL + peft run; memory: trl-lora), full rows with the full-SFT peers (speed: best; memory: trl-default)."
+        + (f" MFU: {per_token / 1e9:.2f} GFLOP per real token (bench/sft.py: flops_per_token) against {peak:.0f} TFLOP/s "
+           "(a measured bf16 matmul peak; --peak-tflops); LoRA runs do less work per token than it counts." if mfu_head else "")
     )
     return "\n".join(lines)
 
@@ -414,6 +438,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--lora-lr", type=float, default=2e-4)
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's measured bf16 matmul peak, for an MFU column (H200/H100 here: about 790)")
     add_shared_arguments(parser, "outputs/bench")
     args = parser.parse_args()
     if args.worker:
@@ -444,6 +470,8 @@ def main() -> None:
             rounds.setdefault(name, []).append(result)
             results[name] = combine(rounds[name])
         print(f"{name}: {json.dumps(rounds.get(name, [results[name]])[-1])} ({time.perf_counter() - started:.0f} s)", flush=True)
+        if args.output:  # after every run, so a run cut short still leaves the rows it finished
+            Path(args.output).write_text(table(results, spec) + "\n")
     report = table(results, spec)
     print()
     print(report)

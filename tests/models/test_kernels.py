@@ -189,9 +189,9 @@ def test_fused_norm_and_mlp_match_transformers_and_keep_less_for_backward():
     assert _saved_bytes(fused, long_inputs) < 0.8 * _saved_bytes(reference, long_inputs)
 
 
-def _sdpa_segments(q, k, v, bounds):
+def _sdpa_segments(q, k, v, bounds, scale=None):
     return torch.cat(
-        [torch.nn.functional.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True, enable_gqa=True)
+        [torch.nn.functional.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True, enable_gqa=True, scale=scale)
          for s, e in zip(bounds[:-1], bounds[1:]) if e > s], dim=2,
     ).transpose(1, 2)  # fmt: skip
 
@@ -302,3 +302,68 @@ def test_long_examples_go_through_flash_attention(monkeypatch):
         ours = packed(**inputs, use_cache=False).logits
         theirs = reference(**inputs, use_cache=False).logits  # transformers' sdpa isolates examples by position
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def _fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, window_size=None, is_causal=None, enable_gqa=False, scale=None):
+    """A CPU stand-in for torch's varlen flash attention with the same calling convention
+    ((tokens, heads, head_dim) in and out), built from sdpa per segment."""
+    assert cu_q.dtype == torch.int32 and cu_q is cu_k and max_q == max_k
+    assert window_size == (-1, 0) or is_causal is True
+    bounds = cu_q.tolist()
+    assert max_q == max(e - s for s, e in zip(bounds[:-1], bounds[1:]))
+    out = [
+        torch.nn.functional.scaled_dot_product_attention(
+            q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=True, enable_gqa=enable_gqa, scale=scale,
+        ).transpose(0, 1)
+        for s, e in zip(bounds[:-1], bounds[1:])
+    ]  # fmt: skip
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("gqa,scale", [(True, True), (False, False)])
+def test_varlen_layout_matches_sdpa_per_segment(gqa, scale):
+    """The layout work around the CUDA varlen kernel (transposes, grouped-query heads repeated
+    for a kernel without enable_gqa, a custom scale folded into the queries for one without a
+    scale argument), checked on CPU against a stand-in kernel; the real kernel is tested on a GPU
+    (tests/gpu)."""
+    from tunelab.models.kernels import call_varlen
+
+    torch.manual_seed(0)
+    bounds = [0, 5, 17, 18, 40]
+    q, k, v = (torch.randn(1, heads, 40, 16, requires_grad=True) for heads in (6, 2, 2))
+    api = {"fn": _fake_varlen, "causal": {"window_size": (-1, 0)} if gqa else {"is_causal": True}, "gqa": gqa, "scale": scale}
+    for scaling in (None, 0.1):
+        out = call_varlen(api, q, k, v, torch.tensor(bounds, dtype=torch.int32), 22, scaling)
+        expected = _sdpa_segments(q, k, v, bounds, scaling)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        out.sum().backward()
+        assert q.grad is not None and k.grad.shape == k.shape
+
+
+def test_chunked_loss_with_whole_chunk_softmax_blocks(monkeypatch):
+    """On a GPU each chunk's softmax is one block (not 8-row blocks): the same numbers and gradients."""
+    import tunelab.models.kernels as kernels
+    from tunelab.models.kernels import linear_log_probs
+
+    monkeypatch.setattr(kernels, "softmax_block_rows", lambda device, chunk_rows: chunk_rows)
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    ref_h, ref_w = hidden.detach().clone().requires_grad_(True), weight.detach().clone().requires_grad_(True)
+    expected = torch.nn.functional.cross_entropy(ref_h @ ref_w.T, targets, reduction="sum")
+    expected.backward()
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=16)
+    loss.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(hidden.grad, ref_h.grad)
+    torch.testing.assert_close(weight.grad, ref_w.grad)
+    hidden.grad = weight.grad = ref_h.grad = ref_w.grad = None
+    log_probs = linear_log_probs(hidden, weight, targets, chunk_rows=16)
+    reference = torch.log_softmax(ref_h @ ref_w.T, -1).gather(1, targets[:, None]).squeeze(1)
+    torch.testing.assert_close(log_probs, reference)
+    scale = torch.randn(37)
+    (log_probs * scale).sum().backward()
+    (reference * scale).sum().backward()
+    torch.testing.assert_close(hidden.grad, ref_h.grad)
+    torch.testing.assert_close(weight.grad, ref_w.grad)

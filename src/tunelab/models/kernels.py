@@ -2,10 +2,11 @@
 
 - ``packed_sdpa``: attention over a packed row (several examples concatenated, positions
   restarting at 0 for each). The row's example boundaries come from the collator as
-  ``cu_seq_lens_q``; each example attends causally to itself only (on CPU through
-  ``segment_attention``, elsewhere through PyTorch's scaled_dot_product_attention per example),
-  so no work is spent on pairs of tokens from different examples. Without boundaries it is
-  exactly transformers' sdpa attention.
+  ``cu_seq_lens_q``; each example attends causally to itself only, so no work is spent on pairs of
+  tokens from different examples: on CUDA through PyTorch's variable-length flash attention (one
+  kernel for the whole row, no wait for the device), on CPU through ``segment_attention``, and
+  otherwise through scaled_dot_product_attention per example. Without boundaries it is exactly
+  transformers' sdpa attention.
 - ``rms_norm``, ``silu_mul``, ``rotary_in_compute_dtype``: Llama's norm, MLP activation and rotary
   embedding with less kept for the backward pass and no float32 detours under autocast.
 - ``linear_cross_entropy``: the output projection and cross-entropy of the given hidden states,
@@ -38,7 +39,9 @@ SEGMENT_SCORES_LIMIT = 64 * 2**20
 
 
 @torch.compiler.disable  # compiled layers call it eagerly: its loop depends on each batch's boundaries
-def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, cu_seq_lens_q=None, **kwargs):
+def packed_sdpa(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, cu_seq_lens_q=None, max_length_q=None, **kwargs
+):
     """transformers attention-interface function (query/key/value: batch, heads, tokens, head_dim)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -46,9 +49,13 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
+    plain = not (dropout and module.training) and getattr(module, "sliding_window", None) is None
+    if query.is_cuda and plain:
+        out = varlen_attention(query, key, value, cu_seq_lens_q, max_length_q, scaling)
+        if out is not None:
+            return out, None
     bounds = cu_seq_lens_q.tolist()
     segments_cover_row = bounds[0] == 0 and bounds[-1] == query.shape[2]
-    plain = not (dropout and module.training) and getattr(module, "sliding_window", None) is None
     longest = max(end - start for start, end in zip(bounds[:-1], bounds[1:]))
     scores_fit = query.shape[1] * longest**2 <= SEGMENT_SCORES_LIMIT
     if query.device.type == "cpu" and plain and segments_cover_row and scores_fit:
@@ -63,6 +70,73 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
         if end > start
     ]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+# ----------------------------------------------------------------------------- CUDA: varlen flash
+# On a GPU, one flash-attention call covers the whole packed row: the kernel reads the example
+# boundaries from the device (``cu_seq_lens``) and takes the longest example as a plain int from the
+# collator, so no layer waits for the device. PyTorch ships it as torch.nn.attention.varlen (2.10+);
+# its keyword arguments changed between releases, so they are read off its signature once.
+
+_varlen = {}  # "fn", "causal" (keyword arguments that make it causal), "gqa", "scale": what this torch offers
+
+
+def _varlen_api() -> dict | None:
+    if "fn" not in _varlen:
+        try:
+            import inspect
+
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            _varlen["fn"] = None
+            return None
+        params = inspect.signature(varlen_attn).parameters
+        causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True} if "is_causal" in params else None
+        _varlen.update(fn=varlen_attn if causal is not None else None, causal=causal, gqa="enable_gqa" in params, scale="scale" in params)
+    return _varlen if _varlen["fn"] is not None else None
+
+
+def varlen_attention(query, key, value, cu_seq_lens, max_length, scaling=None) -> torch.Tensor | None:
+    """Causal attention within each example of one packed row through PyTorch's variable-length
+    flash attention. query (1, q_heads, tokens, head_dim), key/value (1, kv_heads, tokens, head_dim);
+    returns (1, tokens, q_heads, head_dim), or None where that kernel cannot run (no CUDA, a torch
+    without it, float32 outside autocast, or a failure it reports), for the caller's fallback."""
+    api = _varlen_api()
+    dtype = autocast_dtype(query.device.type) or query.dtype
+    if api is None or not query.is_cuda or dtype not in (torch.float16, torch.bfloat16) or "failed" in _varlen:
+        return None
+    try:
+        with torch.autocast(query.device.type, enabled=False):
+            return call_varlen(api, query.to(dtype), key.to(dtype), value.to(dtype), cu_seq_lens, max_length, scaling)
+    except (RuntimeError, ValueError, TypeError) as error:
+        _varlen["failed"] = True
+        log.warning("Variable-length flash attention failed (%s); packed rows use one sdpa call per example instead", error)
+        return None
+
+
+def call_varlen(api: dict, query, key, value, cu_seq_lens, max_length, scaling=None) -> torch.Tensor:
+    """The layout work around a varlen kernel ``api["fn"]`` (tokens, heads, head_dim in and out):
+    transformers' (1, heads, tokens, head_dim) in, (1, tokens, heads, head_dim) out; key/value
+    heads repeated where the kernel takes no grouped-query heads; a non-default scale folded into
+    the queries where it takes no scale."""
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim)
+    options = dict(api["causal"])
+    if q.shape[1] != k.shape[1]:
+        if api["gqa"]:
+            options["enable_gqa"] = True
+        else:
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    head_dim = q.shape[-1]
+    if scaling is not None and abs(scaling - head_dim**-0.5) > 1e-9:
+        if api["scale"]:
+            options["scale"] = scaling
+        else:
+            q = q * (scaling * head_dim**0.5)  # the kernel's own scale is head_dim ** -0.5
+    if max_length is None:
+        max_length = int((cu_seq_lens[1:] - cu_seq_lens[:-1]).max())
+    cu = cu_seq_lens.to(device=q.device, dtype=torch.int32)
+    return api["fn"](q, k, v, cu, cu, int(max_length), int(max_length), **options).unsqueeze(0)
 
 
 # On CPU, PyTorch's flash attention is slow for what packed rows hold (many short causal segments
@@ -160,15 +234,24 @@ def use_packed_attention(model: torch.nn.Module) -> bool:
     return True
 
 
+# On CPU the softmax of a chunk is formed a few rows at a time, in blocks that stay in cache: 8 rows
+# of a 49k vocabulary in float32 are 1.5 MiB and stay in L2 (32 rows did not). On a GPU the same
+# loop is thousands of tiny kernel launches per step (on an H200 it made the loss several times
+# slower than the model); there each chunk's softmax is one block.
+CPU_SOFTMAX_ROWS = 8
+
+
+def softmax_block_rows(device: torch.device, chunk_rows: int) -> int:
+    return CPU_SOFTMAX_ROWS if device.type == "cpu" else chunk_rows
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight.T, target_i), with the gradient computed during the forward pass.
 
     Rows go through the matmuls ``chunk_rows`` at a time; the softmax and its gradient are formed
-    in blocks of ``SOFTMAX_ROWS`` rows that stay in cache, in float32, written over the chunk's
-    logits. The weight's gradient is one matmul per chunk.
+    in float32 over blocks of ``softmax_block_rows`` rows, written over the chunk's logits. The
+    weight's gradient is one matmul per chunk.
     """
-
-    SOFTMAX_ROWS = 8  # 8 rows of a 49k vocabulary in float32 are 1.5 MiB: they stay in L2 (32 rows did not)
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_rows: int, grad_enabled: bool, compute_dtype: torch.dtype):
@@ -179,14 +262,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        block_rows = softmax_block_rows(hidden.device, chunk_rows)
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(compute_dtype)
             for start in range(0, hidden.shape[0], chunk_rows):
                 h = hidden[start : start + chunk_rows].to(compute_dtype)
                 target = targets[start : start + chunk_rows]
                 logits = h @ w.T
-                for row in range(0, len(target), _LinearCrossEntropy.SOFTMAX_ROWS):
-                    block = slice(row, row + _LinearCrossEntropy.SOFTMAX_ROWS)
+                for row in range(0, len(target), block_rows):
+                    block = slice(row, row + block_rows)
                     x = logits[block].float()
                     picked = x.gather(1, target[block, None]).squeeze(1)
                     top = x.amax(dim=-1, keepdim=True)
@@ -245,12 +329,13 @@ class _LinearLogProbs(torch.autograd.Function):
         rows = hidden.shape[0]
         log_probs = torch.empty(rows, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+        block_rows = softmax_block_rows(hidden.device, chunk_rows)
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(compute_dtype)
             for start in range(0, rows, chunk_rows):
                 logits = hidden[start : start + chunk_rows].to(compute_dtype) @ w.T
-                for row in range(0, logits.shape[0], _LinearCrossEntropy.SOFTMAX_ROWS):
-                    block = logits[row : row + _LinearCrossEntropy.SOFTMAX_ROWS].float()
+                for row in range(0, logits.shape[0], block_rows):
+                    block = logits[row : row + block_rows].float()
                     at = slice(start + row, start + row + block.shape[0])
                     lse[at] = torch.logsumexp(block, dim=-1)
                     log_probs[at] = block.gather(1, targets[at, None]).squeeze(1) - lse[at]
@@ -266,13 +351,14 @@ class _LinearLogProbs(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
         grad_log_probs = grad_log_probs.float()
+        block_rows = softmax_block_rows(hidden.device, ctx.chunk_rows)
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(ctx.compute_dtype)
             for start in range(0, hidden.shape[0], ctx.chunk_rows):
                 h = hidden[start : start + ctx.chunk_rows].to(ctx.compute_dtype)
                 logits = h @ w.T
-                for row in range(0, logits.shape[0], _LinearCrossEntropy.SOFTMAX_ROWS):
-                    x = logits[row : row + _LinearCrossEntropy.SOFTMAX_ROWS].float()
+                for row in range(0, logits.shape[0], block_rows):
+                    x = logits[row : row + block_rows].float()
                     at = slice(start + row, start + row + x.shape[0])
                     g = grad_log_probs[at, None]
                     x.sub_(lse[at, None]).exp_().mul_(-g)  # d(log p_target)/d(logits) = one_hot - softmax

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One GPU session's checks, as one command on a lent GPU machine (see ../shared/gpu/README.md):
+# the CUDA tests, then bench/sft.py on the 1B configuration with its peers. Everything lands in
+# $OUT (default outputs/gpu): the test report, the table after each finished run, the run logs.
+#
+#   source .gpu/env.sh is done here; RUNS, STEPS and TEST_TIMEOUT override the defaults:
+#   bash bench/gpu.sh
+#   RUNS=tunelab,hf-bf16 STEPS=10 bash bench/gpu.sh
+set -u
+source .gpu/env.sh || exit 1
+OUT=${OUT:-outputs/gpu}
+mkdir -p "$OUT"
+RUNS=${RUNS:-tunelab,hf-bf16,trl-default,tunelab-lora,trl-lora,tunelab-eager,trl-packed,tunelab-nochunk,tunelab-nopack,tunelab-nofused,tunelab-reference}
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee "$OUT/device.txt"
+timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | tail -40 > "$OUT/gpu-tests.txt"
+tail -3 "$OUT/gpu-tests.txt"
+rm -rf /tmp/bench && mkdir -p /tmp/bench
+(while sleep 10; do cp /tmp/bench/*.log "$OUT/" 2>/dev/null; done) &
+copier=$!
+python3 bench/sft.py --device cuda --model-config 1b --model "$GPU_TOKENIZER" --data "$GPU_GSM8K" --batch-size 32 \
+  --steps "${STEPS:-20}" --runs "$RUNS" --workdir /tmp/bench --output "$OUT/gpu.md" --peak-tflops 790 2>&1 | tee "$OUT/bench-log.txt"
+kill "$copier"
+cp /tmp/bench/*.log /tmp/bench/results.json "$OUT/" 2>/dev/null
