@@ -8,9 +8,15 @@
 #   RUNS=tunelab,hf-bf16 STEPS=10 bash bench/gpu.sh
 set -u
 source .gpu/env.sh || exit 1
+# Extra wheels the GPU image lacks (liger-kernel for the trl-liger peer), when carried in .whl/:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl liger-kernel==0.8.5      (and name .whl in carry)
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
 OUT=${OUT:-outputs/gpu}
 mkdir -p "$OUT"
-RUNS=${RUNS:-tunelab,hf-bf16,trl-default,tunelab-lora,trl-lora,tunelab-eager,trl-packed,tunelab-nochunk,tunelab-nopack,tunelab-nofused,tunelab-reference}
+RUNS=${RUNS:-tunelab,hf-bf16,trl-default,trl-liger,tunelab-lora,trl-lora,tunelab-eager,trl-packed,tunelab-nochunk,tunelab-nopack,tunelab-nofused,tunelab-reference}
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee "$OUT/device.txt"
 timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | tail -40 > "$OUT/gpu-tests.txt"
 tail -3 "$OUT/gpu-tests.txt"

@@ -35,6 +35,8 @@ RUNS = {
     "trl-fp32": {"kind": "trl", "precision": "fp32", "about": "TRL SFTTrainer, fp32"},
     "trl-default": {"kind": "trl", "precision": "bf16", "about": "TRL SFTTrainer at its defaults (bf16 autocast on CPU)"},
     "trl-packed": {"kind": "trl", "precision": "bf16", "packing": True, "about": "TRL SFTTrainer, packing + padding-free, bf16"},
+    "trl-liger": {"kind": "trl", "precision": "bf16", "liger": True,
+                  "about": "TRL SFTTrainer with Liger kernels (use_liger_kernel: fused linear cross-entropy, RMSNorm, SwiGLU, RoPE), bf16; GPU only"},
     "trl-lora": {"kind": "trl", "precision": "bf16", "lora": True, "about": "TRL SFTTrainer + peft LoRA, bf16"},
     "trl-lora-fp32": {"kind": "trl", "precision": "fp32", "lora": True, "about": "TRL SFTTrainer + peft LoRA, fp32"},
     "tunelab-reference": {"kind": "tunelab", "overrides": ["fabric.precision=bf16-mixed", "method.packing=false", "method.chunked_loss=false",
@@ -193,7 +195,7 @@ def run_peer(name: str, run: dict, spec: dict) -> dict:
             def _get_train_sampler(self, *args, **kwargs):
                 return SequentialSampler(self.train_dataset)
 
-        config = SFTConfig(**common, max_length=spec["max_length"], packing=bool(run.get("packing")))
+        config = SFTConfig(**common, max_length=spec["max_length"], packing=bool(run.get("packing")), use_liger_kernel=bool(run.get("liger")))
         trainer = InOrderSFT(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
                              callbacks=[StepTimer()])  # fmt: skip
         trainer.data_collator = counted(trainer.data_collator)
@@ -330,6 +332,8 @@ def available(run: dict) -> str | None:
 
     if run.get("kind") == "trl" and importlib.util.find_spec("trl") is None:
         return "trl is not installed (pip install -e .[bench])"
+    if run.get("liger") and importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install liger-kernel; it needs Triton and a GPU)"
     return None
 
 
