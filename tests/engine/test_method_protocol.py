@@ -56,7 +56,7 @@ class DistillFromTeacher(Method):
     def collate_fn(self, tokenizer):
         return lambda examples: {"input_ids": torch.tensor([e["input_ids"] for e in examples])}
 
-    def before_step(self, model, frozen, batches):
+    def before_step(self, model, frozen, batches, step):
         CALLS.append(f"before_step:{len(batches)}")
         teacher = frozen["teacher"]
         SEEN["teacher_mode"] = (teacher.training, any(p.requires_grad for p in teacher.parameters()))

@@ -7,7 +7,7 @@ checked against the signature of what they build; the rest of the tree is descri
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-DataFormat = Literal["alpaca", "sharegpt", "openai", "prompt_completion", "text", "preference"]
+DataFormat = Literal["alpaca", "sharegpt", "openai", "prompt_completion", "text", "preference", "prompt"]
 
 
 @dataclass
@@ -17,7 +17,8 @@ class DataConfig:
     format: DataFormat = "prompt_completion"
     """How a record becomes a conversation or a text."""
     prompt_field: str = "prompt"
-    """prompt_completion: the field holding the prompt."""
+    """prompt_completion and prompt: the field holding the prompt (prompt: a string, a list of
+    {role, content} messages, or an HH-style '\\n\\nHuman: ...' transcript)."""
     completion_field: str = "completion"
     """prompt_completion: the field holding the supervised answer."""
     messages_field: Optional[str] = None

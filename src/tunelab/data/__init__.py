@@ -1,5 +1,5 @@
 from tunelab.data.collate import (
-    REFERENCE_COLUMNS, CompletionPairCollator, PackCollator, PadCollator, PairCollator, batch_tokens, pack_collate, pad_collate,
+    REFERENCE_COLUMNS, CompletionPairCollator, PackCollator, PadCollator, PairCollator, PromptCollator, batch_tokens, pack_collate, pad_collate,
     pair_collate,
 )
 from tunelab.data.constants import IGNORE_INDEX
@@ -17,6 +17,7 @@ __all__ = [
     "PackCollator",
     "PadCollator",
     "PairCollator",
+    "PromptCollator",
     "Record",
     "ResumableSampler",
     "batch_tokens",

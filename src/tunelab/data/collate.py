@@ -103,3 +103,21 @@ class CompletionPairCollator:
             if name in examples[0]:
                 batch[name] = torch.tensor([e[name] for e in examples], dtype=torch.float32)
         return batch
+
+
+class PromptCollator:
+    """Prompts to generate from -> left-padded ids and mask (generation appends on the right),
+    plus the prompt messages and record fields (JSON strings) for the reward functions."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict]) -> dict:
+        rows = [e["input_ids"] for e in examples]
+        longest = max(len(r) for r in rows)
+        ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, longest - len(row) :] = torch.as_tensor(row)
+            mask[i, longest - len(row) :] = 1
+        return {"prompt_ids": ids, "prompt_mask": mask, "prompt": [e["prompt"] for e in examples], "columns": [e["columns"] for e in examples]}

@@ -13,7 +13,7 @@ from tunelab.config.schema import DataConfig
 from tunelab.data.constants import IGNORE_INDEX
 from tunelab.data.formats import to_example
 from tunelab.data.readers import read_records
-from tunelab.data.tokenize import tokenize_batch, tokenize_completion_pairs_batch, tokenize_pairs_batch
+from tunelab.data.tokenize import tokenize_batch, tokenize_completion_pairs_batch, tokenize_pairs_batch, tokenize_prompts_batch
 from tunelab.errors import TunelabError
 from tunelab.resources import cache_dir, resolve_path
 
@@ -57,6 +57,8 @@ def _tokenizer_signature(tokenizer) -> str:
 def _tokenizer_function(examples: list[dict], max_length: int, cfg: DataConfig, max_prompt_length: int | None):
     """The ``datasets.map`` function and its options for these examples."""
     options = {"max_length": max_length, "overlong": cfg.overlong}
+    if "prompt_messages" in examples[0]:
+        return tokenize_prompts_batch, options
     if "chosen" not in examples[0]:
         return tokenize_batch, options
     if max_prompt_length is None:
@@ -137,7 +139,8 @@ def build_datasets(
 
     Preference pairs are tokenized whole for reward models; with ``max_prompt_length`` set they
     are tokenized for DPO: completion-only labels, the prompt kept to its last
-    ``max_prompt_length`` tokens.
+    ``max_prompt_length`` tokens. Prompts (data.format=prompt) are tokenized up to the opened
+    assistant turn, at most ``max_length`` tokens.
     """
     examples, val_examples = load_examples(cfg)
     report = DataReport()

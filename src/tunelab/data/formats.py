@@ -3,10 +3,11 @@
 Every format ends as one of those two shapes, so one tokenizer path renders them all.
 """
 
+import json
 from typing import Any
 
 from tunelab.config.schema import DataConfig
-from tunelab.data.preference import to_preference
+from tunelab.data.preference import parse_transcript, to_preference
 from tunelab.data.readers import Record
 from tunelab.errors import TunelabError
 
@@ -83,9 +84,34 @@ def _prompt_completion(record: Record, cfg: DataConfig) -> list[dict]:
     return _with_system([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], cfg.system_prompt)
 
 
+def _hh_prompt(text: str) -> list[dict] | None:
+    """'\\n\\nHuman: ...\\n\\nAssistant:' (an HH-RLHF prompt, ending with the turn to answer) -> messages."""
+    end = "\n\nAssistant:"
+    if not (text.startswith("\n\nHuman: ") and text.rstrip().endswith(end)):
+        return None
+    return parse_transcript(text.rstrip()[: -len(end)])
+
+
+def _prompt_only(record: Record, cfg: DataConfig) -> dict:
+    """A prompt to generate from (online RL): its messages, and every other field of the record
+    (JSON-encoded) for the reward functions, e.g. GSM8K's reference 'answer'."""
+    value = _field(record, cfg.prompt_field, "data.prompt_field", kind=object)
+    if isinstance(value, str):
+        messages = _hh_prompt(value) or [{"role": "user", "content": value}]
+    elif isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        messages = [{"role": m["role"], "content": m["content"]} for m in value]
+    else:
+        raise _fail(record, f"field '{cfg.prompt_field}' (data.prompt_field) must be a string or a non-empty list of {{role, content}} messages.")
+    if messages[-1]["role"] == "assistant":
+        raise _fail(record, f"the prompt in '{cfg.prompt_field}' ends with an assistant message; a prompt to answer ends with the user's turn.")
+    columns = {k: v for k, v in record.fields.items() if k != cfg.prompt_field}
+    return {"prompt_messages": _with_system(messages, cfg.system_prompt), "columns": json.dumps(columns)}
+
+
 def to_example(record: Record, cfg: DataConfig) -> dict:
     """``{"messages": [...]}`` for chat formats, ``{"text": ...}`` for the text format,
-    ``{"chosen": [...], "rejected": [...]}`` for preference pairs."""
+    ``{"chosen": [...], "rejected": [...]}`` for preference pairs, ``{"prompt_messages": [...],
+    "columns": "{...}"}`` for prompts to generate from."""
     if cfg.format == "text":
         return {"text": _field(record, cfg.text_field, "data.text_field")}
     if cfg.format == "preference":
@@ -98,6 +124,8 @@ def to_example(record: Record, cfg: DataConfig) -> dict:
         return {"messages": _turns(record, cfg, "messages", "role", "content", _OPENAI_ROLES)}
     if cfg.format == "prompt_completion":
         return {"messages": _prompt_completion(record, cfg)}
+    if cfg.format == "prompt":
+        return _prompt_only(record, cfg)
     raise TunelabError(
-        f"data.format={cfg.format!r} is not a known format: use alpaca, sharegpt, openai, prompt_completion, text or preference."
+        f"data.format={cfg.format!r} is not a known format: use alpaca, sharegpt, openai, prompt_completion, text, preference or prompt."
     )

@@ -164,3 +164,24 @@ def tokenize_completion_pairs_batch(
         for name, value in zip(out, (chosen, chosen_labels, rejected, rejected_labels, status)):
             out[name].append(value)
     return out
+
+
+def tokenize_prompts_batch(batch: dict[str, list], tokenizer: Any, max_length: int, overlong: str) -> dict[str, list]:
+    """``datasets.map`` function for prompts to generate from (online RL): the prompt rendered
+    with the chat template and the assistant's turn opened (``input_ids``; nothing is
+    supervised), the prompt messages and the record's other fields kept (JSON) for the reward
+    functions. A prompt longer than ``max_length`` keeps its last tokens (data.overlong=truncate)."""
+    import json
+
+    out: dict[str, list] = {"input_ids": [], "prompt": [], "columns": [], "status": []}
+    for messages, columns in zip(batch["prompt_messages"], batch["columns"]):
+        ids = tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        status = "ok"
+        if len(ids) > max_length:
+            status = "truncated" if overlong == "truncate" else "overlong"
+            ids = ids[-max_length:]
+        out["input_ids"].append(ids)
+        out["prompt"].append(json.dumps(messages))
+        out["columns"].append(columns)
+        out["status"].append(status)
+    return out

@@ -17,12 +17,16 @@ through ``Method`` below:
    It runs on every rank at once (sharded or DDP-wrapped models communicate in their forward).
 5. ``collate_fn(tokenizer)`` and ``examples_per_batch(batch_size)``: how dataset items become a
    batch.
-6. Every optimizer step: ``before_step(model, frozen, batches)`` on the step's micro-batches
-   (already on the device) before any loss is taken; online methods generate there with the
-   current weights, DPO adds its live reference's log-probabilities. Then per micro-batch
+6. Every optimizer step: ``before_step(model, frozen, batches, step)`` on the step's micro-batches
+   (already on the device) before any loss is taken (``step``: the optimizer steps done so far,
+   counted across resumes); online methods generate there with the current weights and return
+   the batches to train on, DPO adds its live reference's log-probabilities. Then per micro-batch
    ``loss_units(batch)`` (what the loss is normalised by, counted before the forward pass) and
    ``loss(model, batch)`` -> ``LossResult``.
 7. ``finalize(model, output_dir, tokenizer)``: work after the last checkpoint, on rank 0.
+
+After ``check``, the engine sets ``run_dir`` (the run's output folder) for the
+files a method writes itself (GRPO's generation samples); only rank 0 should write there.
 
 ``loss_unit`` names what the units are (supervised tokens, pairs, sequences); the engine weights
 every unit equally across micro-batches and devices and reports throughput in them.
@@ -72,6 +76,8 @@ class Method(TrainingOptions, ABC):
     loss_unit: ClassVar[str] = "token"
     """What ``loss_units`` counts: 'token' (supervised tokens), 'pair', 'sequence'."""
 
+    run_dir = None  # set by the engine: the run's output folder (a plain attribute, not a config option)
+
     @abstractmethod
     def build_data(self, data_cfg, tokenizer) -> DataSplits:
         ...
@@ -87,7 +93,7 @@ class Method(TrainingOptions, ABC):
     def collate_fn(self, tokenizer) -> Callable[[list[dict]], dict]:
         ...
 
-    def before_step(self, model: torch.nn.Module, frozen: dict, batches: list[dict]) -> list[dict]:
+    def before_step(self, model: torch.nn.Module, frozen: dict, batches: list[dict], step: int) -> list[dict]:
         return batches
 
     @abstractmethod

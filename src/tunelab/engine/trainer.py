@@ -168,6 +168,7 @@ def train(cfg: DictConfig) -> RunResult:
     if not isinstance(method, Method):
         raise TunelabError(f"method._target_ builds a {type(method).__name__}, which is not a tunelab.engine.Method.")
     method.check()
+    method.run_dir = Path(cfg.output_dir)  # for files a method writes itself (GRPO's samples)
     resuming_from = resolve_checkpoint(method.ckpt_path) if method.ckpt_path else None
     # Only the launching process (rank 0) judges and cleans the output folder: the other ranks are
     # started by it (or by torchrun) and would find the run it has just begun.
@@ -385,7 +386,7 @@ def fit(run: Run, state: TrainState, batches_per_epoch: int) -> RunResult:
                 exhausted = True
                 break
             n_micro = len(micro_batches)
-            micro_batches = method.before_step(model, run.frozen, micro_batches)
+            micro_batches = method.before_step(model, run.frozen, micro_batches, state.global_step)
             # Weight every unit equally across micro-batches and ranks, so k accumulated
             # micro-batches give the gradient of one batch holding them all.
             counts = _on_device([sum(_tokens(b) for b in micro_batches), sum(method.loss_units(b) for b in micro_batches)], fabric.device)

@@ -1,3 +1,3 @@
-from tunelab.evaluation.taskpool import DummyTaskPool, HeldoutLossTaskPool, TaskPool
+from tunelab.evaluation.taskpool import DummyTaskPool, HeldoutLossTaskPool, HeldoutRewardTaskPool, TaskPool
 
-__all__ = ["DummyTaskPool", "HeldoutLossTaskPool", "TaskPool"]
+__all__ = ["DummyTaskPool", "HeldoutLossTaskPool", "HeldoutRewardTaskPool", "TaskPool"]

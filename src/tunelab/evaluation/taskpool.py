@@ -4,6 +4,8 @@ import math
 
 import torch
 
+from tunelab.errors import TunelabError
+
 
 class TaskPool:
     """What the engine reads of a task pool: when to evaluate, whether a validation split is
@@ -68,3 +70,37 @@ def wilson_interval(p: float, n: float, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return centre - half, centre + half
+
+
+class HeldoutRewardTaskPool(TaskPool):
+    """Mean reward of completions generated for the validation prompts (online RL methods):
+    greedy by default, so the number moves only when the policy does.
+
+    Args:
+        every_n_steps: evaluate every N optimizer steps (0: only at the start and the end).
+        at_start: evaluate once before the first step, as the baseline.
+        batch_size: completions per batch, counted as in training (null: the method's batch size).
+        greedy: greedy completions (false: sampled as in training, one per prompt, fixed seed).
+    """
+
+    needs_validation = True
+
+    def __init__(self, every_n_steps: int = 50, at_start: bool = True, batch_size: int | None = None, greedy: bool = True):
+        self.every_n_steps, self.at_start, self.batch_size, self.greedy = every_n_steps, at_start, batch_size, greedy
+
+    def evaluate(self, fabric, model, method, val_loader) -> dict[str, float]:
+        if val_loader is None:
+            return {}
+        if not hasattr(method, "evaluate_prompts"):
+            raise TunelabError(f"taskpool=heldout-reward scores generated completions, and {type(method).__name__} generates none: use taskpool=heldout-loss.")
+        sums: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(val_loader):
+            batch_sums, count = method.evaluate_prompts(model, batch, greedy=self.greedy, seed=i)
+            for key, value in {**batch_sums, "units": count}.items():
+                value = torch.as_tensor(value, device=fabric.device).detach().double()
+                sums[key] = sums[key] + value if key in sums else value
+        totals = dict(zip(sums, fabric.all_reduce(torch.stack(list(sums.values())), reduce_op="sum").tolist()))
+        units = totals.pop("units")
+        scores = {f"val/{key}": value / max(units, 1) for key, value in totals.items()}
+        scores["val/completions"] = units
+        return scores

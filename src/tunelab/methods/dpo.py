@@ -58,9 +58,9 @@ def sequence_count(batch: dict) -> int:
     return batch["cu_seq_lens_q"].shape[0] - 1 if "cu_seq_lens_q" in batch else batch["input_ids"].shape[0]
 
 
-def sequence_log_probs(model: torch.nn.Module, batch: dict, chunked: bool = True, chunk_rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probability of each sequence's supervised (completion) tokens, and how many
-    there are: two float32 vectors of one value per sequence.
+def token_log_probs(model: torch.nn.Module, batch: dict, chunked: bool = True, chunk_rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of every supervised (completion) target token, in row order (float32), and
+    the index of the sequence each belongs to.
 
     ``chunked``: the head only at supervised positions, in chunks (``linear_log_probs``); otherwise
     the plain reference path, full logits and a log-softmax.
@@ -70,14 +70,20 @@ def sequence_log_probs(model: torch.nn.Module, batch: dict, chunked: bool = True
     if chunked:
         hidden, dtype = final_hidden_states(model, batch)
         weight = _unwrap(model).get_output_embeddings().weight
-        token_log_probs = linear_log_probs(hidden[:, :-1][supervised], weight, targets[supervised], chunk_rows, dtype)
+        log_probs = linear_log_probs(hidden[:, :-1][supervised], weight, targets[supervised], chunk_rows, dtype)
     else:
         logits = model(**model_inputs(batch), use_cache=False).logits[:, :-1]
-        token_log_probs = logits[supervised].float().log_softmax(-1).gather(1, targets[supervised][:, None]).squeeze(1)
-    sequence = _sequence_of_targets(batch, supervised)
+        log_probs = logits[supervised].float().log_softmax(-1).gather(1, targets[supervised][:, None]).squeeze(1)
+    return log_probs, _sequence_of_targets(batch, supervised)
+
+
+def sequence_log_probs(model: torch.nn.Module, batch: dict, chunked: bool = True, chunk_rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability of each sequence's supervised (completion) tokens, and how many
+    there are: two float32 vectors of one value per sequence (see ``token_log_probs``)."""
+    log_probs, sequence = token_log_probs(model, batch, chunked, chunk_rows)
     sequences = sequence_count(batch)
-    sums = torch.zeros(sequences, dtype=torch.float32, device=token_log_probs.device).index_add(0, sequence, token_log_probs)
-    counts = torch.zeros(sequences, dtype=torch.float32, device=sums.device).index_add(0, sequence, torch.ones_like(token_log_probs))
+    sums = torch.zeros(sequences, dtype=torch.float32, device=log_probs.device).index_add(0, sequence, log_probs)
+    counts = torch.zeros(sequences, dtype=torch.float32, device=sums.device).index_add(0, sequence, torch.ones_like(log_probs))
     return sums, counts
 
 
@@ -295,7 +301,7 @@ class DirectPreferenceOptimization(FullFinetuneSFT):
             dataset = dataset.add_column(name, columns[name].tolist())
         return dataset
 
-    def before_step(self, model, frozen: dict, batches: list[dict]) -> list[dict]:
+    def before_step(self, model, frozen: dict, batches: list[dict], step: int = 0) -> list[dict]:
         """Live reference: its log-probabilities of the step's pairs, before the policy's forward."""
         if self.reference_kind() == "none" or REFERENCE_COLUMNS[0] in batches[0]:
             return batches
