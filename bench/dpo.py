@@ -41,7 +41,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # bench/ is not a package: share bench/sft.py's helpers by plain import
 
-from sft import LORA_TARGETS, MODEL_CONFIGS, add_shared_arguments, available, combine, launch, load_rows, run_names, peak_memory_gib, throughput  # noqa: E402
+from sft import LORA_TARGETS, MODEL_CONFIGS, add_shared_arguments, combine, launch, load_rows, peak_memory_gib, run_in_turn, run_names, throughput  # noqa: E402
 
 DEFAULT_DATA = HERE.parent / ".." / "shared" / "data" / "hh-rlhf" / "harmless_pairs.jsonl"
 END_OF_TURN = "<|im_end|>"  # SmolLM2's chat template closes every turn with this token
@@ -452,26 +452,7 @@ def main() -> None:
     workdir = Path(args.workdir)
     (workdir / "spec.json").write_text(json.dumps(spec, indent=2))
     ensure_reference(spec)
-    results: dict[str, dict] = {}
-    rounds: dict[str, list[dict]] = {}
-    # Rounds interleave (a b c a b c ...) so that the machine's drift in speed reaches every run alike.
-    for name in names * args.repeat:
-        if "error" in results.get(name, {}) or "skipped" in results.get(name, {}):
-            continue
-        why_not = available(RUNS[name])
-        if why_not:
-            results[name] = {"skipped": why_not}
-            print(f"{name}: skipped, {why_not}")
-            continue
-        started = time.perf_counter()
-        print(f"{name}: running ({RUNS[name]['about']}) ...", flush=True)
-        result = launch(__file__, name, workdir)
-        if "error" in result:
-            results[name] = result
-        else:
-            rounds.setdefault(name, []).append(result)
-            results[name] = combine(rounds[name])  # median speeds, highest memory peak
-        print(f"{name}: {json.dumps(result)} ({time.perf_counter() - started:.0f} s)", flush=True)
+    results = run_in_turn(__file__, names, RUNS, workdir, args.repeat, combine)  # median speeds, highest memory peak
     report = table(results, spec)
     print()
     print(report)

@@ -26,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # bench/ is not a package: share bench/sft.py's helpers by plain import
 
-from sft import MODEL_CONFIGS, add_shared_arguments, available, launch, load_rows, peak_memory_gib, run_names  # noqa: E402
+from sft import add_shared_arguments, gsm8k_records, load_rows, model_and_tokenizer, peak_memory_gib, run_in_turn, run_names  # noqa: E402
 
 DEFAULT_DATA = HERE.parent / ".." / "shared" / "data" / "gsm8k" / "train.jsonl"
 INSTRUCTION = "Solve the problem step by step, then give the final answer on a last line of the form '#### <number>'."
@@ -203,33 +203,13 @@ def worker(name: str, spec: dict) -> None:
 
 # ----------------------------------------------------------------------------- driver
 def prepare(args) -> dict:
-    from tunelab.models import CausalLMPool
-
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    source = Path(args.data)
-    if not source.exists():
-        source = HERE.parent / "src" / "tunelab" / "demo_data" / "gsm8k_demo.jsonl"
-        print(f"{args.data} not found; using the shipped demo slice {source}")
-    records = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
-    if len(records) < args.prompts + args.heldout:
-        raise SystemExit(f"{source} has {len(records)} records; need --prompts + --heldout = {args.prompts + args.heldout}")
+    records = gsm8k_records(args.data, args.prompts + args.heldout, "--prompts + --heldout")
     rows = [{"prompt": prompt_messages(r["question"]), "answer": r["answer"]} for r in records]
     for split, chosen in (("train", rows[: args.prompts]), ("heldout", rows[-args.heldout :])):
         (workdir / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chosen))
-    pool = CausalLMPool(model_path=args.model)
-    tokenizer = pool.load_tokenizer()
-    tokenizer.save_pretrained(workdir / "tokenizer")
-    if args.model_config:
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        torch.manual_seed(0)
-        config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **MODEL_CONFIGS[args.model_config])
-        model_dir = str(workdir / "model")
-        AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(model_dir)
-    else:
-        model_dir = str(pool._hf_dir(args.model, "--model", "model"))
+    tokenizer, model_dir = model_and_tokenizer(args, workdir)
     prompts_per_step = args.batch_size // args.num_generations
     lengths = [len(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True)) for r in rows[: args.prompts]]
     prompt_tokens = sum(lengths[: prompts_per_step * args.steps]) * args.num_generations / max(args.steps, 1)
@@ -295,27 +275,8 @@ def main() -> None:
     names = run_names(args.runs, RUNS)
     spec = prepare(args)
     Path(args.workdir, "spec.json").write_text(json.dumps(spec, indent=2))
-    results: dict[str, dict] = {}
-    rounds: dict[str, list[dict]] = {}
-    for name in ["base"] + names * args.repeat:
-        if name in results and ("error" in results[name] or name == "base"):
-            continue
-        why_not = available(RUNS[name]) if name != "base" else None
-        if why_not:
-            results[name] = {"skipped": why_not}
-            print(f"{name}: skipped, {why_not}")
-            continue
-        started = time.perf_counter()
-        print(f"{name}: running ...", flush=True)
-        result = launch(__file__, name, Path(args.workdir))
-        if "error" in result:
-            results[name] = result
-        else:
-            rounds.setdefault(name, []).append(result)
-            results[name] = combine(rounds[name]) if name != "base" else result
-        print(f"{name}: {json.dumps(result)} ({time.perf_counter() - started:.0f} s)", flush=True)
-        if args.output:
-            Path(args.output).write_text(table(results) + "\n")
+    write = (lambda results: Path(args.output).write_text(table(results) + "\n")) if args.output else None
+    results = run_in_turn(__file__, ["base"] + names, RUNS, Path(args.workdir), args.repeat, combine, write)
     print()
     print(table(results))
     (Path(args.workdir) / "results.json").write_text(json.dumps({"spec": spec, "results": results}, indent=2))

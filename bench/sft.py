@@ -277,39 +277,52 @@ def worker(name: str, spec: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- driver
+def gsm8k_records(path: str, needed: int, what: str) -> list[dict]:
+    """GSM8K records (question/answer) from ``path``, or from the shipped demo slice where it is absent."""
+    source = Path(path)
+    if not source.exists():
+        source = HERE.parent / "src" / "tunelab" / "demo_data" / "gsm8k_demo.jsonl"
+        print(f"{path} not found; using the shipped demo slice {source}")
+    records = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
+    if len(records) < needed:
+        raise SystemExit(f"{source} has {len(records)} records; need {what} = {needed}")
+    return records
+
+
+def model_and_tokenizer(args, workdir: Path) -> tuple[object, str]:
+    """The tokenizer (saved to workdir/tokenizer) and the model folder every run starts from:
+    --model's, or with --model-config a random init saved once so that every trainer starts from the same weights."""
+    from tunelab.models import CausalLMPool
+
+    pool = CausalLMPool(model_path=args.model)
+    tokenizer = pool.load_tokenizer()
+    tokenizer.save_pretrained(workdir / "tokenizer")
+    if not args.model_config:
+        return tokenizer, str(pool._hf_dir(args.model, "--model", "model"))
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **MODEL_CONFIGS[args.model_config])
+    model_dir = str(workdir / "model")
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(model_dir)
+    return tokenizer, model_dir
+
+
 def prepare(args) -> dict:
     """Write the chat-format examples and tunelab's tokenization of them into the work folder."""
     from tunelab.config import DataConfig
     from tunelab.data import build_datasets
-    from tunelab.models import CausalLMPool
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    source = Path(args.data)
-    if not source.exists():
-        source = Path(__file__).resolve().parents[1] / "src" / "tunelab" / "demo_data" / "gsm8k_demo.jsonl"
-        print(f"{args.data} not found; using the shipped demo slice {source}")
-    records = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
-    if len(records) < args.examples + args.heldout:
-        raise SystemExit(f"{source} has {len(records)} records; need --examples + --heldout = {args.examples + args.heldout}")
+    records = gsm8k_records(args.data, args.examples + args.heldout, "--examples + --heldout")
     chats = [{"messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]} for r in records]
     for split, rows in (("train", chats[: args.examples]), ("heldout", chats[-args.heldout :])):
         (workdir / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    pool = CausalLMPool(model_path=args.model)
-    tokenizer = pool.load_tokenizer()
+    tokenizer, model_dir = model_and_tokenizer(args, workdir)
     tokenizer_dir = workdir / "tokenizer"
-    tokenizer.save_pretrained(tokenizer_dir)
-    if args.model_config:  # random init, saved once so that every trainer starts from the same weights
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        torch.manual_seed(0)
-        config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **MODEL_CONFIGS[args.model_config])
-        model_dir = str(workdir / "model")
-        AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(model_dir)
-    else:
-        model_dir = str(pool._hf_dir(args.model, "--model", "model"))
     lengths = []
     for split in ("train", "heldout"):
         data_cfg = DataConfig(path=str(workdir / f"{split}.jsonl"), format="openai", shuffle=False)
@@ -431,6 +444,38 @@ def launch(script: str, name: str, workdir: Path) -> dict:
     return result
 
 
+def run_in_turn(script: str, names: list[str], runs: dict, workdir: Path, repeat: int, combine_rounds, write_table=None) -> dict:
+    """Run each named run in its own process, the list ``repeat`` times in turn (a b c a b c ...)
+    so that the machine's drift in speed over minutes reaches every run alike, after a ``base``
+    run when ``names`` starts with it. Returns name -> result (``combine_rounds`` of its rounds),
+    ``{"error": ...}`` or ``{"skipped": ...}``; ``write_table(results)`` after every run, so a run
+    cut short still leaves the rows it finished."""
+    base = [n for n in names if n == "base"]
+    order = base + [n for n in names if n != "base"] * repeat
+    results: dict[str, dict] = {}
+    rounds: dict[str, list[dict]] = {}
+    for name in order:
+        if "error" in results.get(name, {}) or "skipped" in results.get(name, {}) or (name == "base" and name in results):
+            continue
+        why_not = available(runs[name]) if name != "base" else None
+        if why_not:
+            results[name] = {"skipped": why_not}
+            print(f"{name}: skipped, {why_not}")
+            continue
+        started = time.perf_counter()
+        print(f"{name}: running ({runs.get(name, {}).get('about', 'the untrained model')}) ...", flush=True)
+        result = launch(script, name, workdir)
+        if "error" in result:
+            results[name] = result
+        else:
+            rounds.setdefault(name, []).append(result)
+            results[name] = result if name == "base" else combine_rounds(rounds[name])
+        print(f"{name}: {json.dumps(result)} ({time.perf_counter() - started:.0f} s)", flush=True)
+        if write_table is not None:
+            write_table(results)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default=",".join(DEFAULT_RUNS), help=f"comma-separated, from: {', '.join(RUNS)}")
@@ -453,29 +498,8 @@ def main() -> None:
     names = run_names(args.runs, RUNS)
     spec = prepare(args)
     Path(args.workdir, "spec.json").write_text(json.dumps(spec, indent=2))
-    results: dict[str, dict] = {}
-    rounds: dict[str, list[dict]] = {}
-    # --repeat N runs the list N times in turn (a b c a b c ...), so that this machine's drift in
-    # speed over minutes reaches every run alike; each run reports its median speed.
-    for name in ["base"] + names * args.repeat:
-        if name in results and "error" in results[name] or name == "base" and name in results:
-            continue
-        why_not = available(RUNS[name]) if name != "base" else None
-        if why_not:
-            results[name] = {"skipped": why_not}
-            print(f"{name}: skipped, {why_not}")
-            continue
-        started = time.perf_counter()
-        print(f"{name}: running ({RUNS.get(name, {}).get('about', 'held-out loss of the untrained model')}) ...", flush=True)
-        result = launch(__file__, name, Path(args.workdir))
-        if "error" in result:
-            results[name] = result
-        else:
-            rounds.setdefault(name, []).append(result)
-            results[name] = combine(rounds[name])
-        print(f"{name}: {json.dumps(rounds.get(name, [results[name]])[-1])} ({time.perf_counter() - started:.0f} s)", flush=True)
-        if args.output:  # after every run, so a run cut short still leaves the rows it finished
-            Path(args.output).write_text(table(results, spec) + "\n")
+    write = (lambda results: Path(args.output).write_text(table(results, spec) + "\n")) if args.output else None
+    results = run_in_turn(__file__, ["base"] + names, RUNS, Path(args.workdir), args.repeat, combine, write)
     report = table(results, spec)
     print()
     print(report)

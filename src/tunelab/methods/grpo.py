@@ -36,7 +36,7 @@ from tunelab.engine.method import DataSplits, LossResult, Models
 from tunelab.errors import TunelabError
 from tunelab.methods.bradley_terry_rm import rewards as reward_model_scores
 from tunelab.methods.dpo import _peft_model, token_log_probs
-from tunelab.methods.fullfinetune_sft import FullFinetuneSFT, _unwrap, supports_chunked_loss
+from tunelab.methods.fullfinetune_sft import FullFinetuneSFT, supports_chunked_loss
 from tunelab.methods.peftfinetune_sft import apply_peft
 
 log = logging.getLogger(__name__)
