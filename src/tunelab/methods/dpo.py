@@ -248,12 +248,7 @@ class DirectPreferenceOptimization(FullFinetuneSFT):
 
     def reference_log_probs(self, model: torch.nn.Module, frozen: dict, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed completion log-probabilities of chosen and rejected under the reference."""
-        with torch.no_grad():
-            if self.reference_kind() == "adapter_disabled":
-                with _peft_model(model).disable_adapter():
-                    sums, _ = sequence_log_probs(model, batch, self.chunked_loss, self.loss_chunk_size)
-            else:
-                sums, _ = sequence_log_probs(frozen["reference"], batch, self.chunked_loss, self.loss_chunk_size)
+        sums, _ = under_reference(self.reference_kind(), model, frozen, lambda m: sequence_log_probs(m, batch, self.chunked_loss, self.loss_chunk_size))
         pairs = sums.shape[0] // 2
         return sums[:pairs], sums[pairs:]
 
@@ -337,6 +332,16 @@ class DirectPreferenceOptimization(FullFinetuneSFT):
         from tunelab.deploy import merge_adapter
 
         return {"merged": merge_adapter(model, Path(output_dir) / "merged", tokenizer)}
+
+
+def under_reference(kind: str, model: torch.nn.Module, frozen: dict, forward):
+    """``forward(reference_model)`` without gradients: the policy with its adapter switched off
+    (``kind`` adapter_disabled), else the frozen copy ``frozen["reference"]``."""
+    with torch.no_grad():
+        if kind == "adapter_disabled":
+            with _peft_model(model).disable_adapter():
+                return forward(model)
+        return forward(frozen["reference"])
 
 
 def _peft_model(model: torch.nn.Module) -> torch.nn.Module:

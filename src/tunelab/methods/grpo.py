@@ -35,7 +35,7 @@ from tunelab.data import IGNORE_INDEX, PromptCollator, build_datasets, pack_coll
 from tunelab.engine.method import DataSplits, LossResult, Models
 from tunelab.errors import TunelabError
 from tunelab.methods.bradley_terry_rm import rewards as reward_model_scores
-from tunelab.methods.dpo import _peft_model, token_log_probs
+from tunelab.methods.dpo import token_log_probs, under_reference
 from tunelab.methods.fullfinetune_sft import FullFinetuneSFT, supports_chunked_loss
 from tunelab.methods.peftfinetune_sft import apply_peft
 
@@ -404,12 +404,7 @@ class GroupRelativePolicyOptimization(FullFinetuneSFT):
         return train_batch
 
     def _reference_log_probs(self, model, frozen: dict, batch: dict) -> torch.Tensor:
-        with torch.no_grad():
-            if self.reference_kind() == "adapter_disabled":
-                with _peft_model(model).disable_adapter():
-                    log_probs, _ = token_log_probs(model, batch, self.chunked_loss, self.loss_chunk_size)
-            else:
-                log_probs, _ = token_log_probs(frozen["reference"], batch, self.chunked_loss, self.loss_chunk_size)
+        log_probs, _ = under_reference(self.reference_kind(), model, frozen, lambda m: token_log_probs(m, batch, self.chunked_loss, self.loss_chunk_size))
         return log_probs
 
     def _generation_metrics(self, generated: dict, rewards: torch.Tensor, table: torch.Tensor, spread: torch.Tensor) -> dict:
