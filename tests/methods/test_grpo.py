@@ -158,7 +158,8 @@ def test_prompt_tokens_never_take_loss_and_truncated_completions_can_be_masked()
     method = toy_method(max_completion_length=3, mask_truncated_completions=True)
     batch = toy_batch(2)
     generated = {"completion_ids": [[4, 15], [5, 6, 7]] * 8, "truncated": [False, True] * 8, "prompt_index": [i // 8 for i in range(16)], "texts": [""] * 16}
-    train_batch = method._training_batch(batch, generated, torch.zeros(16))
+    train_batch = method.completion_batch(batch, generated, mask_truncated=True)
+    train_batch["advantages"] = torch.zeros(16)
     labels, ids = train_batch["labels"][0].tolist(), train_batch["input_ids"][0].tolist()
     bounds = train_batch["cu_seq_lens_q"].tolist()
     for k, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
@@ -276,3 +277,19 @@ def test_reward_model_and_lora_with_the_adapter_switched_off_as_reference(tmp_pa
     assert len(rewards) == 2 and all(math.isfinite(v) and v != 0.0 for v in rewards)  # the model's scores, not a default
     assert float(rows[0]["train/kl"]) == pytest.approx(0.0, abs=1e-6)  # before any update the adapter is a no-op
     assert (result.final_checkpoint / "adapter_model.safetensors").exists()
+
+
+def test_num_iterations_trains_each_generated_batch_several_times(tmp_path):
+    """num_iterations=2: two optimizer steps per generated batch, against the log-probabilities of
+    the weights that generated (the second sees a moved policy), and the schedule counts both."""
+    schedule = "method.lr_scheduler={_target_:torch.optim.lr_scheduler.CosineAnnealingLR,T_max:_T_max_}"
+    result = train(compose_config(overrides(tmp_path / "o", "method.max_steps=2", "method.num_iterations=2", schedule, "method.optimizer.lr=1e-2")))
+    with open(result.metrics_csv) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    assert len(rows) == 2 and result.state.global_step == 2
+    assert float(rows[-1]["train/lr"]) == pytest.approx(0.0, abs=1e-9)  # 4 scheduler steps of a 4-step cosine: at its end
+    assert float(rows[0]["train/lr"]) == pytest.approx(0.5e-2)  # halfway after the first step's two updates
+    method = toy_method(num_iterations=2)
+    model = method.prepare_model(toy_model())
+    [batch] = method.before_step(model, {}, [toy_batch(4)], 0)
+    assert torch.allclose(batch["old_log_probs"], method.policy_log_probs(model, batch)[0].detach())

@@ -92,9 +92,28 @@ def _hh_prompt(text: str) -> list[dict] | None:
     return parse_transcript(text.rstrip()[: -len(end)])
 
 
+def _pair_prompt(record: Record, cfg: DataConfig) -> list[dict]:
+    """The prompt of a preference pair (HH-RLHF's chosen/rejected transcripts, say): the messages
+    the two conversations share, up to the answer they differ in."""
+    pair = to_preference(record, None)
+    chosen, rejected = pair["chosen"], pair["rejected"]
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+        shared += 1
+    while shared and chosen[shared - 1]["role"] == "assistant":  # end on the user's turn
+        shared -= 1
+    if not shared:
+        raise _fail(record, "its chosen and rejected conversations share no prompt to generate from; give a prompt field (data.prompt_field).")
+    return chosen[:shared]
+
+
 def _prompt_only(record: Record, cfg: DataConfig) -> dict:
     """A prompt to generate from (online RL): its messages, and every other field of the record
-    (JSON-encoded) for the reward functions, e.g. GSM8K's reference 'answer'."""
+    (JSON-encoded) for the reward functions, e.g. GSM8K's reference 'answer'. A preference record
+    with no prompt field gives the prompt its chosen and rejected answers share."""
+    if cfg.prompt_field not in record.fields and {"chosen", "rejected"} <= set(record.fields):
+        columns = {k: v for k, v in record.fields.items() if k not in ("chosen", "rejected")}
+        return {"prompt_messages": _with_system(_pair_prompt(record, cfg), cfg.system_prompt), "columns": json.dumps(columns)}
     value = _field(record, cfg.prompt_field, "data.prompt_field", kind=object)
     if isinstance(value, str):
         messages = _hh_prompt(value) or [{"role": "user", "content": value}]

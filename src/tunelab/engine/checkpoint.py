@@ -60,14 +60,19 @@ def _trainable_names(model: torch.nn.Module) -> set[str]:
     return {name for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(fabric, folder: Path, *, model, optimizer, scheduler, state: TrainState, options, tokenizer, config_yaml: str) -> Path:
-    """Write a checkpoint into ``folder`` (replacing one of the same name) and point ``latest`` at it."""
+def save_checkpoint(
+    fabric, folder: Path, *, model, optimizer, scheduler, state: TrainState, options, tokenizer, config_yaml: str, method_state: dict | None = None
+) -> Path:
+    """Write a checkpoint into ``folder`` (replacing one of the same name) and point ``latest`` at
+    it. ``method_state``: what the method carries between steps (``Method.state_dict``)."""
     tmp = folder.with_name(f".{folder.name}.tmp")
     if fabric.is_global_zero:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     fabric.barrier()
     payload = {"scheduler": scheduler, "trainer": asdict(state), "rng": _rng_state()}
+    if method_state:
+        payload["method_state"] = method_state
     if options.save_optimizer_state:
         payload["optimizer"] = optimizer
     module = getattr(model, "module", model)
@@ -79,8 +84,9 @@ def save_checkpoint(fabric, folder: Path, *, model, optimizer, scheduler, state:
             filters["model"] = lambda key, _value: key in trainable
     fabric.save(tmp / STATE_FILE, payload, filter=filters or None)
     if fabric.is_global_zero:
-        if options.save_ckpt_type in ("hf", "peft"):  # a PeftModel saves just its adapter
-            module.save_pretrained(tmp, safe_serialization=True)
+        if options.save_ckpt_type in ("hf", "peft"):
+            for sub, part in model_parts(module).items():
+                _save_part(part, tmp / sub)
             tokenizer.save_pretrained(tmp)
         meta = {
             **asdict(state),
@@ -120,8 +126,9 @@ def resolve_checkpoint(path: str) -> Path:
     return folder
 
 
-def load_checkpoint(fabric, path: str, *, model, optimizer, scheduler) -> TrainState:
-    """Restore model, optimizer, scheduler and RNG in place; return where training stopped."""
+def load_checkpoint(fabric, path: str, *, model, optimizer, scheduler, method=None) -> TrainState:
+    """Restore model, optimizer, scheduler, RNG and the method's state in place; return where
+    training stopped."""
     folder = resolve_checkpoint(path)
     meta = json.loads((folder / TRAINER_STATE).read_text())
     payload = {"scheduler": scheduler}
@@ -129,16 +136,43 @@ def load_checkpoint(fabric, path: str, *, model, optimizer, scheduler) -> TrainS
         payload["optimizer"] = optimizer
     if meta["ckpt_type"] == "lightning":
         payload["model"] = model
-    elif meta["ckpt_type"] == "peft":
-        _load_adapter_folder(getattr(model, "module", model), folder)
     else:
-        _load_safetensors_folder(getattr(model, "module", model), folder)
+        for sub, part in model_parts(getattr(model, "module", model)).items():
+            _load_part(part, folder / sub)
     try:
         rest = fabric.load(folder / STATE_FILE, payload, strict=meta["full_model"], weights_only=True)
     except Exception as err:
         raise TunelabError(f"Could not restore the checkpoint '{folder}': {err}") from None
     _set_rng_state(rest["rng"])
+    if method is not None and "method_state" in rest:
+        method.load_state_dict(rest["method_state"])
     return TrainState(**{k: rest["trainer"][k] for k in ("global_step", "epoch", "batches_in_epoch")})
+
+
+def model_parts(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Subfolder -> module to save in it. One part (the model, in the folder itself) unless the
+    model is made of several (PPO's policy and value model: ``checkpoint_parts``)."""
+    parts = getattr(module, "checkpoint_parts", None)
+    return parts() if callable(parts) else {"": module}
+
+
+def _save_part(part: torch.nn.Module, folder: Path) -> None:
+    """A transformers model as a from_pretrained folder, a PeftModel as its adapter folder, any
+    other module as its weights in model.safetensors."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if hasattr(part, "save_pretrained"):
+        part.save_pretrained(folder, safe_serialization=True)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous() for k, v in part.state_dict().items()}, folder / "model.safetensors")
+
+
+def _load_part(part: torch.nn.Module, folder: Path) -> None:
+    if hasattr(part, "peft_config"):
+        _load_adapter_folder(part, folder)
+    else:
+        _load_safetensors_folder(part, folder)
 
 
 def _load_safetensors_folder(module: torch.nn.Module, folder: Path) -> None:

@@ -17,13 +17,19 @@ through ``Method`` below:
    It runs on every rank at once (sharded or DDP-wrapped models communicate in their forward).
 5. ``collate_fn(tokenizer)`` and ``examples_per_batch(batch_size)``: how dataset items become a
    batch.
-6. Every optimizer step: ``before_step(model, frozen, batches, step)`` on the step's micro-batches
-   (already on the device) before any loss is taken (``step``: the optimizer steps done so far,
-   counted across resumes); online methods generate there with the current weights and return
-   the batches to train on, DPO adds its live reference's log-probabilities. Then per micro-batch
+6. Every step: ``before_step(model, frozen, batches, step)`` on the step's micro-batches (already
+   on the device) before any loss is taken (``step``: the steps done so far, counted across
+   resumes); online methods generate there with the current weights and return the batches to
+   train on, DPO adds its live reference's log-probabilities. ``updates(batches, step)`` groups
+   them into the optimizer steps taken on them: one (all the micro-batches) for most methods,
+   ``updates_per_step()`` for methods that reuse what they generated (PPO's epochs times
+   mini-batches, GRPO's iterations). Then, per optimizer step and micro-batch,
    ``loss_units(batch)`` (what the loss is normalised by, counted before the forward pass) and
    ``loss(model, batch)`` -> ``LossResult``.
 7. ``finalize(model, output_dir, tokenizer)``: work after the last checkpoint, on rank 0.
+
+A method that carries state between steps (PPO's adaptive KL coefficient) returns it from
+``state_dict()``; checkpoints keep it and a resume hands it back through ``load_state_dict``.
 
 After ``check``, the engine sets ``run_dir`` (the run's output folder) for the
 files a method writes itself (GRPO's generation samples); only rank 0 should write there.
@@ -95,6 +101,19 @@ class Method(TrainingOptions, ABC):
 
     def before_step(self, model: torch.nn.Module, frozen: dict, batches: list[dict], step: int) -> list[dict]:
         return batches
+
+    def updates(self, batches: list[dict], step: int) -> list[list[dict]]:
+        """The step's micro-batches grouped into ``updates_per_step()`` optimizer steps, in order
+        (``updates_per_step`` is an engine option's method, ``TrainingOptions``: the scheduler's
+        ``_T_max_`` counts optimizer steps)."""
+        return [batches]
+
+    def state_dict(self) -> dict:
+        """What the method changes while it trains, for checkpoints (plain values and tensors)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     @abstractmethod
     def loss_units(self, batch: dict) -> int | torch.Tensor:

