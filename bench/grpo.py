@@ -11,6 +11,13 @@ function: greedy completions of the same length limit, scored by the same reward
 
     python bench/grpo.py                                   # tunelab, trl (about 30 min on 2 cores)
     python bench/grpo.py --runs tunelab,trl --steps 20 --repeat 2
+    python bench/grpo.py --warm-start-steps 8              # both start from a short SFT on the answer format
+
+``--warm-start-steps N`` first fine-tunes the model (tunelab SFT, N steps of 8 worked GSM8K
+solutions that are neither training prompts nor held out) and every run, the untrained baseline
+included, starts from that checkpoint: the base model writes the '#### <n>' line about 2% of the
+time, too rarely for 8 completions a step to see a reward at all, while after a few SFT steps a
+group usually holds some completions with the format and some without, which is what GRPO learns from.
     python bench/grpo.py --model-config tiny --prompts 8 --heldout 4 --steps 2 --max-completion-length 8   # smoke test
 
 The TRL peer is optional: ``pip install -e .[bench]``; a run whose peer is missing is reported as
@@ -19,6 +26,7 @@ skipped, not failed.
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -26,7 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # bench/ is not a package: share bench/sft.py's helpers by plain import
 
-from sft import add_shared_arguments, gsm8k_records, load_rows, model_and_tokenizer, peak_memory_gib, run_in_turn, run_names  # noqa: E402
+from sft import add_shared_arguments, gsm8k_records, launch, load_rows, model_and_tokenizer, peak_memory_gib, run_in_turn, run_names  # noqa: E402
 
 DEFAULT_DATA = HERE.parent / ".." / "shared" / "data" / "gsm8k" / "train.jsonl"
 INSTRUCTION = "Solve the problem step by step, then give the final answer on a last line of the form '#### <number>'."
@@ -196,8 +204,29 @@ def run_base(spec: dict) -> dict:
     return {"heldout": heldout_reward(model, tokenizer, load_rows(Path(spec["workdir"]) / "heldout.jsonl"), spec)}
 
 
+def run_warm_start(spec: dict) -> dict:
+    """tunelab SFT on the warm-start solutions: the checkpoint every run then starts from."""
+    from tunelab.config import compose_config
+    from tunelab.engine import train
+
+    out = Path(spec["workdir"]) / "runs" / "warm-start"
+    overrides = [
+        "method=lm_finetune/fullfinetune_sft", "modelpool=CausalLMPool/smollm2-135m", f"modelpool.model_path={spec['model_dir']}",
+        f"+modelpool.tokenizer_path={spec['tokenizer_dir']}", f"data.path={Path(spec['workdir']) / 'warm_start.jsonl'}", "data.format=openai",
+        "data.shuffle=false", f"method.max_steps={spec['warm_start_steps']}", "method.max_epochs=-1", "method.dataloader_kwargs.batch_size=8",
+        f"method.optimizer.lr={spec['warm_start_lr']}", "method.lr_scheduler=null", "method.save_ckpt_type=hf", "method.max_length=512",
+        "taskpool=dummy", f"output_dir={out}", "overwrite=true", "progress_bar=false", "seed=0", f"fabric.accelerator={spec['device']}",
+        f"fabric.precision={'bf16-mixed' if spec['precision'] == 'bf16' else '32-true'}",
+    ]  # fmt: skip
+    result = train(compose_config(overrides))
+    return {"model_dir": str(result.final_checkpoint), "train_wall_s": result.train_seconds}
+
+
 def worker(name: str, spec: dict) -> None:
-    result = run_base(spec) if name == "base" else (run_tunelab if RUNS[name]["kind"] == "tunelab" else run_trl)(name, spec)
+    if name == "warm":
+        result = run_warm_start(spec)
+    else:
+        result = run_base(spec) if name == "base" else (run_tunelab if RUNS[name]["kind"] == "tunelab" else run_trl)(name, spec)
     (Path(spec["workdir"]) / f"{name}.json").write_text(json.dumps(result, indent=2))
 
 
@@ -205,10 +234,16 @@ def worker(name: str, spec: dict) -> None:
 def prepare(args) -> dict:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    records = gsm8k_records(args.data, args.prompts + args.heldout, "--prompts + --heldout")
+    warm_examples = 8 * args.warm_start_steps
+    records = gsm8k_records(args.data, args.prompts + warm_examples + args.heldout, "--prompts + 8 x --warm-start-steps + --heldout")
     rows = [{"prompt": prompt_messages(r["question"]), "answer": r["answer"]} for r in records]
     for split, chosen in (("train", rows[: args.prompts]), ("heldout", rows[-args.heldout :])):
         (workdir / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chosen))
+    solutions = [  # the worked answers without GSM8K's calculator annotations (<<2*3=6>>)
+        {"messages": r["prompt"] + [{"role": "assistant", "content": re.sub(r"<<[^>]*>>", "", r["answer"])}]}
+        for r in rows[args.prompts : args.prompts + warm_examples]
+    ]  # fmt: skip
+    (workdir / "warm_start.jsonl").write_text("".join(json.dumps(r) + "\n" for r in solutions))
     tokenizer, model_dir = model_and_tokenizer(args, workdir)
     prompts_per_step = args.batch_size // args.num_generations
     lengths = [len(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True)) for r in rows[: args.prompts]]
@@ -217,7 +252,8 @@ def prepare(args) -> dict:
         "workdir": str(workdir), "tokenizer_dir": str(workdir / "tokenizer"), "model_dir": model_dir, "model_config": args.model_config,
         "steps": args.steps, "batch_size": args.batch_size, "num_generations": args.num_generations, "lr": args.lr,
         "max_completion_length": args.max_completion_length, "max_prompt_length": max(lengths), "device": args.device,
-        "precision": args.precision, "prompt_tokens_per_step": prompt_tokens,
+        "precision": args.precision, "prompt_tokens_per_step": prompt_tokens, "warm_start_steps": args.warm_start_steps,
+        "warm_start_lr": args.warm_start_lr,
     }  # fmt: skip
 
 
@@ -267,6 +303,8 @@ def main() -> None:
     parser.add_argument("--max-completion-length", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--warm-start-steps", type=int, default=0, help="SFT steps (8 solutions each) every run starts from; 0: none")
+    parser.add_argument("--warm-start-lr", type=float, default=2e-5)
     add_shared_arguments(parser, "outputs/bench-grpo")
     args = parser.parse_args()
     if args.worker:
@@ -275,6 +313,13 @@ def main() -> None:
     names = run_names(args.runs, RUNS)
     spec = prepare(args)
     Path(args.workdir, "spec.json").write_text(json.dumps(spec, indent=2))
+    if args.warm_start_steps:
+        print(f"warm start: {args.warm_start_steps} SFT steps ...", flush=True)
+        warm = launch(__file__, "warm", Path(args.workdir))
+        if "error" in warm:
+            raise SystemExit(f"the warm start failed: {warm['error']} (log: {Path(args.workdir) / 'warm.log'})")
+        spec["model_dir"] = warm["model_dir"]
+        Path(args.workdir, "spec.json").write_text(json.dumps(spec, indent=2))
     write = (lambda results: Path(args.output).write_text(table(results) + "\n")) if args.output else None
     results = run_in_turn(__file__, ["base"] + names, RUNS, Path(args.workdir), args.repeat, combine, write)
     print()

@@ -27,7 +27,7 @@ RM=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['final_check
 tunelab train method=lm_finetune/ppo modelpool=CausalLMPool/smollm2-135m \
   data.path="$OUT/data/ppo_prompts.jsonl" data.val_path="$OUT/data/ppo_heldout.jsonl" data.format=prompt \
   method.reward_model_path="$RM" method.value_model=shared method.max_prompt_length=128 method.max_completion_length=48 \
-  method.dataloader_kwargs.batch_size=8 method.ppo_epochs=2 method.optimizer.lr=3e-6 method.kl_coef=0.05 method.kl_target=4 \
+  method.dataloader_kwargs.batch_size=8 method.ppo_epochs=2 method.optimizer.lr=${PPO_LR:-1e-5} method.kl_coef=0.05 method.kl_target=4 \
   method.kl_horizon=1000 method.max_steps="$PPO_STEPS" method.save_ckpt_type=hf method.log_samples_every_n_steps=5 \
   taskpool=heldout-reward taskpool.greedy=false taskpool.every_n_steps=10 taskpool.batch_size=32 \
   output_dir="$OUT/ppo" overwrite=true

@@ -280,3 +280,15 @@ def test_sampler_length_grouping_cuts_padding_and_resumes(tmp_path):
     assert padded(grouped) < 0.8 * padded(plain)
     sampler.start = 12  # resume mid-epoch: the rest of the same grouped order
     assert list(sampler) == grouped[12:]
+
+
+def test_the_data_summary_names_only_what_happened_and_the_policy_that_did_it():
+    """A truncating run said '3 truncated to 384 tokens, 0 dropped as longer than 384
+    (data.overlong=drop)', which read as a contradiction (issue 21)."""
+    from tunelab.data.dataset import SplitReport, describe_split
+
+    truncating = describe_split(SplitReport(records=40, examples=40, truncated=3, tokens=9000, supervised_tokens=4000), 384, "truncate")
+    assert truncating == "40 training examples (9000 tokens, 4000 supervised) from 40 records; 3 longer than 384 tokens truncated (data.overlong=truncate)"
+    dropping = describe_split(SplitReport(records=40, examples=37, dropped_overlong=3, tokens=8000), 384, "drop")
+    assert dropping == "37 training examples (8000 tokens) from 40 records; 3 longer than 384 tokens dropped (data.overlong=drop)"
+    assert "drop" not in truncating and "truncat" not in dropping

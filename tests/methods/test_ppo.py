@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_grpo import ToyTokenizer, toy_batch  # the same toy prompts and tokenizer as GRPO's tests
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from tunelab.config import compose_config
-from tunelab.data import IGNORE_INDEX, PromptCollator
+from tunelab.data import IGNORE_INDEX
 from tunelab.engine import train
 from tunelab.errors import TunelabError
 from tunelab.methods.online import OnlinePolicyOptimization
@@ -75,15 +76,6 @@ def test_adaptive_kl_controller_moves_toward_the_target_by_at_most_20_percent_pe
 # ----------------------------------------------------------------------------- the method on a toy
 
 
-class ToyTokenizer:
-    """Ids are their own text: id i decodes to chr(65 + i)."""
-
-    eos_token_id, pad_token_id = 15, 0
-
-    def batch_decode(self, rows, skip_special_tokens=True):
-        return ["".join(chr(65 + t) for t in row if not (skip_special_tokens and t == self.eos_token_id)) for row in rows]
-
-
 class ToyPPO(ProximalPolicyOptimization):
     """PPO whose reward model is a rule: 1 when the completion opens with 'F'."""
 
@@ -104,11 +96,6 @@ def toy_method(**options) -> ToyPPO:
     return method
 
 
-def toy_batch(prompts: int) -> dict:
-    rows = [{"input_ids": [1, 2, 3 + i % 3], "prompt": json.dumps([{"role": "user", "content": "?"}]), "columns": "{}"} for i in range(prompts)]
-    return PromptCollator(0)(rows)
-
-
 def toy_lm(method, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -123,8 +110,9 @@ def toy_policy(method) -> PolicyAndValue:
 
 
 def test_toy_task_reward_rises_above_0_9():
-    """A tiny model must learn to open its answer with one token ('F', 1 in 16 at the start)."""
-    method = toy_method(ppo_epochs=2)
+    """A tiny model must learn to open its answer with one token ('F', 1 in 16 at the start). The
+    score arrives at the last of 4 tokens, so the first token's credit comes through GAE."""
+    method = toy_method(ppo_epochs=2, max_completion_length=4)
     model = toy_policy(method)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2)
     rewards = []
@@ -291,3 +279,30 @@ def test_reward_model_must_be_a_sequence_classifier_and_share_the_tokenizer_to_b
     tokenizer.save_pretrained(other)
     with pytest.raises(TunelabError, match=r"has another tokenizer than the policy.*value_model=policy or shared"):
         train(compose_config(overrides(tmp_path / "b", other, "method.max_steps=1")))
+
+
+# ----------------------------------------------------------------------------- data parallel
+
+
+@pytest.mark.parametrize("method", ["ppo", "grpo"])
+def test_online_methods_train_under_ddp_and_keep_one_kl_coefficient(tmp_path, reward_model_folder, method):
+    """Two CPU processes (gloo): generation, rewards, whitening and the KL controller per rank,
+    one gradient; rank 0 alone writes metrics and checkpoints."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    args = overrides(out, reward_model_folder, "method.max_steps=2", "fabric=ddp", "fabric.devices=2", "fabric.accelerator=cpu", "method.kl_target=0.01")
+    if method == "grpo":
+        args = [a for a in args if not a.startswith(("method.reward_model_path", "method.num_mini_batches", "method.ppo_epochs", "method.kl_target"))]
+        args = [a.replace("lm_finetune/ppo", "lm_finetune/grpo") for a in args] + ["method.num_generations=2", "method.beta=0.1", "method.num_iterations=2"]
+    done = subprocess.run([sys.executable, "-m", "tunelab", "train", *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(out / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    assert len(rows) == 2 and all(math.isfinite(float(r["train/loss"])) for r in rows)
+    assert float(rows[0]["train/kl"]) == pytest.approx(0.0, abs=1e-5)
+    if method == "ppo":  # both ranks adapted by the same global KL: rank 0's coefficient is the one checkpointed
+        state = torch.load(out / "checkpoints" / "step-000002" / "state.ckpt", weights_only=True)
+        assert state["method_state"]["kl_coef"] < 0.05
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"

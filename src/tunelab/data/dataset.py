@@ -132,6 +132,21 @@ def load_examples(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
     return examples, val_examples
 
 
+def describe_split(split: SplitReport, max_length: int, overlong: str) -> str:
+    """One line on what became of a split's records, naming only what happened."""
+    supervised = f", {split.supervised_tokens} supervised" if split.supervised_tokens else ""
+    parts = [f"{split.examples} training examples ({split.tokens} tokens{supervised}) from {split.records} records"]
+    if split.truncated:
+        parts.append(f"{split.truncated} longer than {max_length} tokens truncated (data.overlong={overlong})")
+    if split.dropped_overlong:
+        parts.append(f"{split.dropped_overlong} longer than {max_length} tokens dropped (data.overlong={overlong})")
+    if split.dropped_unsupervised:
+        parts.append(f"{split.dropped_unsupervised} dropped with no supervised token")
+    if split.dropped_identical:
+        parts.append(f"{split.dropped_identical} pairs dropped whose two sides are the same")
+    return "; ".join(parts)
+
+
 def build_datasets(
     cfg: DataConfig, tokenizer, max_length: int, max_prompt_length: int | None = None
 ) -> tuple[datasets.Dataset, datasets.Dataset | None, DataReport]:
@@ -147,12 +162,7 @@ def build_datasets(
     train = _tokenize(examples, tokenizer, max_length, cfg, report.train, max_prompt_length)
     val = _tokenize(val_examples, tokenizer, max_length, cfg, report.val, max_prompt_length) if val_examples else None
     t = report.train
-    log.info(
-        "Data: %d training examples (%d tokens, %d supervised) from %d records; %d truncated to %d tokens, "
-        "%d dropped as longer than %d (data.overlong=drop), %d dropped with no supervised token, %d identical pairs dropped",
-        t.examples, t.tokens, t.supervised_tokens, t.records, t.truncated, max_length,
-        t.dropped_overlong, max_length, t.dropped_unsupervised, t.dropped_identical,
-    )  # fmt: skip
+    log.info("Data: %s", describe_split(t, max_length, cfg.overlong))
     if val is not None:
         log.info("Validation: %d examples", report.val.examples)
     if t.examples == 0:

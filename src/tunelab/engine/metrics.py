@@ -35,28 +35,8 @@ class MetricsCSV:
 
 def plot_loss_curve(csv_path: Path, png_path: Path) -> Path | None:
     """Training loss per step and, where logged, held-out loss; returns the PNG's path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with csv_path.open() as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("train/loss", "training loss"), ("val/loss", "held-out loss")):
-        points = [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
-        if points:
-            ax.plot(*zip(*points), marker="o" if key == "val/loss" else None, markersize=4, label=label)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats per supervised token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
-    return png_path
+    series = [("train/loss", "training loss"), ("val/loss", "held-out loss")]
+    return plot_metric_panels(csv_path, png_path, [("loss (nats per supervised token)", series)])
 
 
 def plot_metric_panels(csv_path: Path, png_path: Path, panels: list[tuple[str, list[tuple[str, str]]]]) -> Path | None:

@@ -380,8 +380,9 @@ class ProximalPolicyOptimization(OnlinePolicyOptimization):
                 "timing/generation_seconds": torch.tensor(generation_seconds),
             })  # fmt: skip
             train_batch["step_metrics"] = metrics  # the step's, in every micro-batch
-        if self.kl_target is not None:
-            self.current_kl_coef = adapt_kl_coef(self.current_kl_coef, float(all_kl.mean()), self.kl_target, self.kl_horizon, all_kl.numel())
+        if self.kl_target is not None:  # every rank adapts by the same (global) numbers, so all keep one coefficient
+            kl_sum, completions = _global_sum(all_kl.sum(), all_kl.numel(), device=out[0]["input_ids"].device)
+            self.current_kl_coef = adapt_kl_coef(self.current_kl_coef, kl_sum / max(completions, 1), self.kl_target, self.kl_horizon, int(completions))
         if self.samples_due(step):
             self.write_samples(step, *rounds[0])
         return out
@@ -437,6 +438,14 @@ class ProximalPolicyOptimization(OnlinePolicyOptimization):
             log_probs, sequence = self.policy_log_probs(model, train_batch)
             kl = log_probs - self.reference_log_probs(model, self.frozen, train_batch)
         return {"kl": kl.sum()}
+
+
+def _global_sum(*values, device) -> list[float]:
+    """Numbers summed over ranks (themselves when not distributed)."""
+    stacked = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(stacked)
+    return stacked.tolist()
 
 
 def _score_head_of(model: torch.nn.Module) -> torch.nn.Module:
