@@ -246,7 +246,7 @@ def prepare(args) -> dict:
     (workdir / "warm_start.jsonl").write_text("".join(json.dumps(r) + "\n" for r in solutions))
     tokenizer, model_dir = model_and_tokenizer(args, workdir)
     prompts_per_step = args.batch_size // args.num_generations
-    lengths = [len(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True)) for r in rows[: args.prompts]]
+    lengths = [prompt_length(tokenizer, r["prompt"]) for r in rows[: args.prompts]]
     prompt_tokens = sum(lengths[: prompts_per_step * args.steps]) * args.num_generations / max(args.steps, 1)
     return {
         "workdir": str(workdir), "tokenizer_dir": str(workdir / "tokenizer"), "model_dir": model_dir, "model_config": args.model_config,
@@ -255,6 +255,13 @@ def prepare(args) -> dict:
         "precision": args.precision, "prompt_tokens_per_step": prompt_tokens, "warm_start_steps": args.warm_start_steps,
         "warm_start_lr": args.warm_start_lr,
     }  # fmt: skip
+
+
+def prompt_length(tokenizer, messages: list[dict]) -> int:
+    """Tokens of a rendered prompt. (Not ``len(apply_chat_template(...))``: transformers 5 returns
+    a dict there, whose length is 2, and the prompts were cut to their last 2 tokens.)"""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def combine(rounds: list[dict]) -> dict:
