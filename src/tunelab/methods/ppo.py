@@ -19,6 +19,7 @@ head on the policy's own hidden states (``shared``: no second model).
 """
 
 import copy
+import json
 import logging
 import math
 import time
@@ -31,6 +32,7 @@ import torch
 from tunelab.data import IGNORE_INDEX
 from tunelab.engine.method import LossResult, Models
 from tunelab.errors import TunelabError
+from tunelab.methods.bradley_terry_rm import _score_head
 from tunelab.methods.bradley_terry_rm import rewards as reward_model_scores
 from tunelab.methods.fullfinetune_sft import _unwrap, supports_chunked_loss
 from tunelab.methods.grpo import clipped_token_losses
@@ -164,8 +166,6 @@ def capture_values(model: torch.nn.Module):
             captured["values"] = composite.value_head(hidden)[..., 0].float()
         handle = composite.get_decoder().register_forward_hook(keep)
     else:
-        from tunelab.methods.bradley_terry_rm import _score_head
-
         def keep(_module, _args, output):
             captured["values"] = output[..., 0].float()
         handle = _score_head(_unwrap(composite.value_model)).register_forward_hook(keep)
@@ -305,7 +305,7 @@ class ProximalPolicyOptimization(OnlinePolicyOptimization):
         config.num_labels, config.pad_token_id = 1, tokenizer.pad_token_id
         value = AutoModelForSequenceClassification.from_config(config, dtype=policy.dtype)
         value.base_model.load_state_dict(policy.base_model.state_dict())
-        for parameter in _score_head_of(value).parameters():
+        for parameter in _score_head(value).parameters():
             torch.nn.init.zeros_(parameter)
         return value
 
@@ -319,8 +319,6 @@ class ProximalPolicyOptimization(OnlinePolicyOptimization):
 
     def score(self, batch: dict, generated: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The reward model's score of each prompt + completion (its own chat template and tokenizer)."""
-        import json
-
         prompts = [json.loads(batch["prompt"][i]) for i in generated["prompt_index"]]
         device = batch["prompt_ids"].device
         scores = torch.cat([
@@ -446,12 +444,6 @@ def _global_sum(*values, device) -> list[float]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(stacked)
     return stacked.tolist()
-
-
-def _score_head_of(model: torch.nn.Module) -> torch.nn.Module:
-    from tunelab.methods.bradley_terry_rm import _score_head
-
-    return _score_head(model)
 
 
 def _split(order: list[int], parts: int) -> list[list[int]]:
