@@ -182,6 +182,19 @@ def test_completions_depend_on_the_seed_only():
     assert method.generate(model, toy_batch(2), seed=124)["completion_ids"] != first
 
 
+@pytest.mark.parametrize("fast_generation", [True, False])
+def test_both_generation_paths_give_the_same_greedy_completions_and_honour_the_seed(fast_generation):
+    """tunelab's decoding loop and transformers' generate (the reference, fast_generation=false)."""
+    method = toy_method(max_completion_length=6, fast_generation=fast_generation)
+    model = toy_model()
+    greedy = method.generate(model, toy_batch(3), seed=0, greedy=True)
+    assert greedy == toy_method(max_completion_length=6, fast_generation=not fast_generation).generate(model, toy_batch(3), seed=5, greedy=True)
+    assert greedy["prompt_index"] == [0, 1, 2]
+    sampled = method.generate(model, toy_batch(2), seed=7)
+    assert len(sampled["completion_ids"]) == 16 and sampled == method.generate(model, toy_batch(2), seed=7)
+    assert all(len(c) <= 6 and (t or c[-1] == 15) for c, t in zip(sampled["completion_ids"], sampled["truncated"]))
+
+
 # ----------------------------------------------------------------------------- through the engine
 
 

@@ -23,6 +23,7 @@ from tunelab.engine.metrics import plot_metric_panels
 from tunelab.errors import TunelabError
 from tunelab.methods.dpo import token_log_probs, under_reference
 from tunelab.methods.fullfinetune_sft import FullFinetuneSFT
+from tunelab.models.sampling import sample
 
 
 @dataclass
@@ -46,6 +47,8 @@ class OnlinePolicyOptimization(FullFinetuneSFT):
     adapter_name: str = "default"
     merge_and_unload: bool = False
     save_ckpt_type: Literal["lightning", "hf", "peft"] = "lightning"
+    fast_generation: bool = True
+    """tunelab's decoding loop (``models.sampling``); false: transformers' generate, the reference."""
 
     def __post_init__(self):
         self.frozen, self.base_seed, self.tokenizer = {}, 0, None
@@ -117,31 +120,24 @@ class OnlinePolicyOptimization(FullFinetuneSFT):
         (once if ``greedy``) with the current weights: KV cache, eval mode, the run's precision,
         sampling from a generator seeded by ``seed``. Returns the completions' token lists (cut
         after EOS), texts, whether each hit the length limit, and each one's prompt index."""
-        from transformers import GenerationConfig
-
         inner = getattr(model, "module", model)  # Fabric's wrapper -> the (peft) transformers model
         strategy = model.__dict__.get("_strategy")  # Fabric's wrapper: its precision's autocast, as in the forward
         autocast = strategy.precision.forward_context() if strategy is not None else nullcontext()
         copies = 1 if greedy else self.completions_per_prompt()
-        ids = batch["prompt_ids"].repeat_interleave(copies, dim=0)
-        mask = batch["prompt_mask"].repeat_interleave(copies, dim=0)
-        # Every sampling option is set: transformers fills unset ones from the model's own
-        # generation config (a top-k of 50, repetition penalties), which would change the policy sampled.
-        sampling = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k) if not greedy else {}
-        config = GenerationConfig(
-            do_sample=not greedy, **sampling, repetition_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=self.max_completion_length,
-            min_new_tokens=0, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, use_cache=True,
-        )  # fmt: skip
         was_training = inner.training
         inner.eval()
-        devices = [ids.device] if ids.device.type == "cuda" else []
         try:
-            with torch.no_grad(), autocast, torch.random.fork_rng(devices=devices), _eager():
-                torch.manual_seed(seed)
-                out = inner.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            with torch.no_grad(), autocast, _eager():
+                if self.fast_generation:
+                    generated = sample(
+                        self.policy_of(inner), batch["prompt_ids"], batch["prompt_mask"], self.max_completion_length, self.eos_token_id,
+                        self.pad_token_id, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, greedy=greedy, repeats=copies,
+                        generator=torch.Generator(device=batch["prompt_ids"].device).manual_seed(seed),
+                    ).tolist()  # fmt: skip
+                else:
+                    generated = self.transformers_generate(inner, batch, seed, greedy, copies)
         finally:
             inner.train(was_training)
-        generated = out[:, ids.shape[1] :].tolist()
         completions, truncated = [], []
         for row in generated:
             if self.eos_token_id in row:
@@ -152,6 +148,24 @@ class OnlinePolicyOptimization(FullFinetuneSFT):
             completions.append(row)
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
         return {"completion_ids": completions, "texts": texts, "truncated": truncated, "prompt_index": [i // copies for i in range(len(completions))]}
+
+    def transformers_generate(self, model: torch.nn.Module, batch: dict, seed: int, greedy: bool, copies: int) -> list[list[int]]:
+        """The reference path: transformers' generate with the same options (completion tokens per row)."""
+        from transformers import GenerationConfig
+
+        ids = batch["prompt_ids"].repeat_interleave(copies, dim=0)
+        mask = batch["prompt_mask"].repeat_interleave(copies, dim=0)
+        # Every sampling option is set: transformers fills unset ones from the model's own
+        # generation config (a top-k of 50, repetition penalties), which would change the policy sampled.
+        sampling = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k) if not greedy else {}
+        config = GenerationConfig(
+            do_sample=not greedy, **sampling, repetition_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=self.max_completion_length,
+            min_new_tokens=0, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, use_cache=True,
+        )  # fmt: skip
+        with torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        return out[:, ids.shape[1] :].tolist()
 
     def score(self, batch: dict, generated: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Each completion's total reward, and a table of its parts (one column per
