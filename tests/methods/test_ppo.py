@@ -67,6 +67,26 @@ def test_clipped_value_loss_by_hand():
     assert clipped.tolist() == [True, False, False]
 
 
+def test_value_lr_gives_the_value_side_its_own_group_that_the_schedule_scales_alike():
+    from tunelab.optim.lr_scheduler import CosineDecayWithWarmup
+
+    method = toy_method(value_lr=1e-3, optimizer={"_target_": "torch.optim.AdamW", "lr": 1e-5})
+    head = torch.nn.Linear(32, 1)
+    composite = PolicyAndValue(toy_lm(method), None, head)
+    groups = method.param_groups(composite)
+    assert [id(p) for p in groups[1]["params"]] == [id(p) for p in head.parameters()]
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(composite.parameters()))
+    optimizer = torch.optim.AdamW(groups, lr=1e-5)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-5, 1e-3])
+    scheduler = CosineDecayWithWarmup(optimizer, T_max=10, warmup_steps=2, max_lr=1e-5, min_lr=1e-6)
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    policy_lr, value_lr = (g["lr"] for g in optimizer.param_groups)
+    assert policy_lr == pytest.approx(scheduler.lr_at(5)) and value_lr == pytest.approx(100 * policy_lr)
+    assert toy_method().param_groups(composite) is None  # without value_lr: one group, as for every method
+
+
 def test_adaptive_kl_controller_moves_toward_the_target_by_at_most_20_percent_per_horizon():
     assert adapt_kl_coef(0.1, kl=12.0, target=6.0, horizon=100, completions=10) == pytest.approx(0.1 * (1 + 0.2 * 0.1))
     assert adapt_kl_coef(0.1, kl=5.4, target=6.0, horizon=100, completions=100) == pytest.approx(0.1 * 0.9)
@@ -209,6 +229,8 @@ def logged(result) -> list[dict]:
 def test_ppo_trains_saves_the_policy_and_value_model_and_resumes_exactly(tmp_path, reward_model_folder, value_model):
     common = ("method.max_steps=3", "method.checkpoint_save_interval=step", "method.checkpoint_save_frequency=2", "method.save_optimizer_state=true",
               "method.save_ckpt_type=hf", "method.kl_target=0.01", f"method.value_model={value_model}")  # fmt: skip
+    if value_model == "shared":  # and its own learning rate: two parameter groups through save and resume
+        common += ("method.value_lr=1e-3",)
     full = train(compose_config(overrides(tmp_path / "full", reward_model_folder, *common)))
     rows = logged(full)
     assert len(rows) == 3
@@ -257,6 +279,7 @@ def test_lora_ppo_uses_the_adapter_switched_off_as_reference_and_saves_adapters(
         (["data.prompt_field=prompt"], r"has no field 'prompt' \(data.prompt_field\)"),
         (["method.value_model=critic"], r"method.value_model' is 'critic', but it must be one of 'reward', 'policy', 'shared'"),
         (["method.kl_coef=0", "method.kl_target=1"], r"kl_coef must start above 0"),
+        (["method.value_lr=0"], r"method.value_lr=0 must be positive"),
     ],
 )
 def test_bad_input_stops_with_a_clear_error_before_training(tmp_path, reward_model_folder, extra, message):

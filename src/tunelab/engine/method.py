@@ -66,10 +66,14 @@ class DataSplits(NamedTuple):
 
 @dataclass
 class Models:
-    """What ``build_models`` returns: the model the optimizer trains, and frozen helpers by name."""
+    """What ``build_models`` returns: the model the optimizer trains, frozen helpers by name, and
+    optionally the optimizer's parameter groups, when some of the trained parameters need options
+    of their own (PPO's value model: ``method.value_lr``). A group's ``lr_scale`` multiplies the
+    learning-rate schedule for it. Without groups, every trainable parameter is one group."""
 
     trained: torch.nn.Module
     frozen: dict[str, torch.nn.Module] = field(default_factory=dict)
+    param_groups: list[dict] | None = None
 
 
 Batches = Callable[[object], Iterator[dict]]

@@ -214,7 +214,8 @@ def train(cfg: DictConfig) -> RunResult:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log.info("Parameters: %s trainable of %s (%.1f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-    optimizer = instantiate(method.optimizer, params=[p for p in model.parameters() if p.requires_grad])
+    params = models.param_groups if models.param_groups is not None else [p for p in model.parameters() if p.requires_grad]
+    optimizer = instantiate(method.optimizer, params=params)
     model, optimizer = fabric.setup(model, optimizer)
     frozen = {name: setup_frozen(fabric, module) for name, module in models.frozen.items()}
     batch_size = int(method.dataloader_kwargs.get("batch_size", 1))

@@ -211,6 +211,9 @@ class ProximalPolicyOptimization(OnlinePolicyOptimization):
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
     """Weight of the value loss."""
+    value_lr: Optional[float] = None
+    """Learning rate of the value model or head (the schedule scales it like the policy's); null:
+    method.optimizer.lr. A shared head starts at zero, and at a policy's rate it barely moves."""
     ppo_epochs: int = 4
     """Passes over each step's rollout."""
     num_mini_batches: int = 1
@@ -254,7 +257,7 @@ class ProximalPolicyOptimization(OnlinePolicyOptimization):
                 "a step's rollout is its accumulated micro-batches, and each mini-batch takes an equal share of them "
                 f"(e.g. method.accumulate_grad_batches={self.num_mini_batches * max(1, self.accumulate_grad_batches // self.num_mini_batches)})."
             )
-        for name in ("cliprange", "cliprange_value", "vf_coef"):
+        for name in ("cliprange", "cliprange_value", "vf_coef") + (("value_lr",) if self.value_lr is not None else ()):
             if getattr(self, name) <= 0:
                 raise TunelabError(f"method.{name}={getattr(self, name)} must be positive.")
         if self.kl_coef < 0 or (self.kl_target is not None and self.kl_target <= 0):
@@ -285,7 +288,20 @@ class ProximalPolicyOptimization(OnlinePolicyOptimization):
             if self.peft_config:  # the value model gets its own adapter; its score head trains whole
                 value_model = apply_peft(value_model, {**self.peft_config, "task_type": "SEQ_CLS"}, self.adapter_name, self.fused_kernels)
         self.base_seed = torch.initial_seed()  # the run's seed: completions depend on it and the step only
-        return Models(PolicyAndValue(policy, value_model, value_head), frozen)
+        composite = PolicyAndValue(policy, value_model, value_head)
+        return Models(composite, frozen, self.param_groups(composite))
+
+    def param_groups(self, composite: "PolicyAndValue") -> list[dict] | None:
+        """The policy's and the value side's trainable parameters as two groups when the value side
+        has its own learning rate (``value_lr``)."""
+        if self.value_lr is None:
+            return None
+        value = composite.value_model if composite.value_model is not None else composite.value_head
+        lr = float(self.optimizer["lr"])
+        return [
+            {"params": [p for p in composite.policy.parameters() if p.requires_grad]},
+            {"params": [p for p in value.parameters() if p.requires_grad], "lr": self.value_lr, "lr_scale": self.value_lr / lr},
+        ]
 
     def _value_model(self, policy: torch.nn.Module, reward_model: torch.nn.Module, tokenizer) -> torch.nn.Module | None:
         if self.value_model == "shared":

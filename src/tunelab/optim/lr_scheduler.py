@@ -8,7 +8,8 @@ from torch.optim.lr_scheduler import LRScheduler
 
 class CosineDecayWithWarmup(LRScheduler):
     """Linear warmup from ``init_lr`` to ``max_lr`` over ``warmup_steps``, then cosine decay to
-    ``min_lr`` at step ``T_max``; ``min_lr`` after that. Every param group gets the same rate."""
+    ``min_lr`` at step ``T_max``; ``min_lr`` after that. Every param group gets this rate, times
+    its ``lr_scale`` where it has one (PPO's value model under ``method.value_lr``)."""
 
     def __init__(
         self,
@@ -35,4 +36,4 @@ class CosineDecayWithWarmup(LRScheduler):
         return self.min_lr + 0.5 * (self.max_lr - self.min_lr) * (1 + math.cos(math.pi * progress))
 
     def get_lr(self) -> list[float]:
-        return [self.lr_at(self.last_epoch)] * len(self.optimizer.param_groups)
+        return [self.lr_at(self.last_epoch) * group.get("lr_scale", 1.0) for group in self.optimizer.param_groups]
