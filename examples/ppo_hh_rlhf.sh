@@ -8,7 +8,11 @@ OUT=${1:-runs/ppo-hh}
 PAIRS=${PAIRS:-../shared/data/hh-rlhf/harmless_pairs.jsonl}
 RM_PAIRS=${RM_PAIRS:-400}        # reward model: pairs 1..RM_PAIRS
 RM_STEPS=${RM_STEPS:-100}        # 4 pairs a step
-PPO_STEPS=${PPO_STEPS:-30}       # 8 prompts a step
+PPO_STEPS=${PPO_STEPS:-30}       # PPO_PROMPTS prompts a step
+PPO_PROMPTS=${PPO_PROMPTS:-8}
+PPO_LR=${PPO_LR:-1e-5}
+VALUE_LR=${VALUE_LR:-null}       # the shared value head's own learning rate (null: PPO_LR)
+LAM=${LAM:-0.95}                 # GAE lambda
 mkdir -p "$OUT/data"
 head -n "$RM_PAIRS" "$PAIRS" > "$OUT/data/rm_train.jsonl"
 sed -n '1601,1700p' "$PAIRS" > "$OUT/data/rm_val.jsonl"
@@ -26,8 +30,9 @@ RM=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['final_check
 
 tunelab train method=lm_finetune/ppo modelpool=CausalLMPool/smollm2-135m \
   data.path="$OUT/data/ppo_prompts.jsonl" data.val_path="$OUT/data/ppo_heldout.jsonl" data.format=prompt \
-  method.reward_model_path="$RM" method.value_model=shared method.max_prompt_length=128 method.max_completion_length=48 \
-  method.dataloader_kwargs.batch_size=8 method.ppo_epochs=2 method.optimizer.lr=${PPO_LR:-1e-5} method.kl_coef=0.05 method.kl_target=4 \
+  method.reward_model_path="$RM" method.value_model=shared method.value_lr="$VALUE_LR" method.lam="$LAM" \
+  method.max_prompt_length=128 method.max_completion_length=48 method.dataloader_kwargs.batch_size="$PPO_PROMPTS" \
+  method.ppo_epochs=2 method.optimizer.lr="$PPO_LR" method.kl_coef=0.05 method.kl_target=4 \
   method.kl_horizon=1000 method.max_steps="$PPO_STEPS" method.save_ckpt_type=hf method.log_samples_every_n_steps=5 \
   taskpool=heldout-reward taskpool.greedy=false taskpool.every_n_steps=10 taskpool.batch_size=32 \
   output_dir="$OUT/ppo" overwrite=true
