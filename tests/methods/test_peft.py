@@ -105,7 +105,7 @@ def test_adapters_under_autocast_keep_no_extra_input_copies_and_compute_the_same
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tunelab.methods.peftfinetune_sft import adapters_follow_autocast
+    from tunelab.models.adapters import adapters_follow_autocast
     from tunelab.models.kernels import use_fused_norm_and_mlp
 
     def lora_model():

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from tunelab.errors import TunelabError
+from tunelab.models.adapters import load_converted_adapter, save_adapter_folder
 
 STATE_FILE = "state.ckpt"
 TRAINER_STATE = "trainer_state.json"
@@ -160,7 +161,9 @@ def _save_part(part: torch.nn.Module, folder: Path) -> None:
     """A transformers model as a from_pretrained folder, a PeftModel as its adapter folder, any
     other module as its weights in model.safetensors."""
     folder.mkdir(parents=True, exist_ok=True)
-    if hasattr(part, "save_pretrained"):
+    if hasattr(part, "peft_config"):
+        save_adapter_folder(part, folder)  # PiSSA/OLoRA converted to apply to the original base
+    elif hasattr(part, "save_pretrained"):
         part.save_pretrained(folder, safe_serialization=True)
     else:
         from safetensors.torch import save_file
@@ -171,6 +174,8 @@ def _save_part(part: torch.nn.Module, folder: Path) -> None:
 def _load_part(part: torch.nn.Module, folder: Path) -> None:
     if hasattr(part, "peft_config"):
         _load_adapter_folder(part, folder)
+    elif hasattr(part, "bottleneck_config"):
+        _load_bottleneck_folder(part, folder)
     else:
         _load_safetensors_folder(part, folder)
 
@@ -188,6 +193,19 @@ def _load_safetensors_folder(module: torch.nn.Module, folder: Path) -> None:
             raise TunelabError(f"Checkpoint '{file}' has weights this model lacks: {missing_unexpected.unexpected_keys[:5]}")
 
 
+def _load_bottleneck_folder(module: torch.nn.Module, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    from tunelab.models.bottleneck import WEIGHTS_NAME
+
+    file = folder / WEIGHTS_NAME
+    if not file.exists():
+        raise TunelabError(f"Checkpoint '{folder}' holds no {WEIGHTS_NAME}, so it is not this run's bottleneck adapter.")
+    result = module.load_state_dict(load_file(file), strict=False)
+    if result.unexpected_keys:
+        raise TunelabError(f"Adapter '{file}' has weights this model lacks: {result.unexpected_keys[:5]}")
+
+
 def _load_adapter_folder(module: torch.nn.Module, folder: Path) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -198,6 +216,6 @@ def _load_adapter_folder(module: torch.nn.Module, folder: Path) -> None:
         file = folder / name / "adapter_model.safetensors"
     if not file.exists():
         raise TunelabError(f"Checkpoint '{folder}' says it is in peft format but holds no adapter_model.safetensors.")
-    result = set_peft_model_state_dict(module, load_file(file), adapter_name=name)
+    result = set_peft_model_state_dict(module, load_converted_adapter(module, load_file(file), name), adapter_name=name)
     if result.unexpected_keys:
         raise TunelabError(f"Adapter '{file}' has weights this model lacks: {result.unexpected_keys[:5]}")

@@ -192,6 +192,11 @@ def train(cfg: DictConfig) -> RunResult:
     fabric.seed_everything(cfg.seed, verbose=False)
 
     pool = instantiate(cfg.modelpool)
+    if getattr(pool, "quantization", None) and not getattr(method, "peft_config", None):
+        raise TunelabError(
+            f"modelpool.quantization={pool.quantization} loads the base in low precision, which trains only through an adapter: "
+            "use method=lm_finetune/peftfinetune_sft (QLoRA) or set method.peft_config, or set modelpool.quantization=null."
+        )
     tokenizer = pool.load_tokenizer()
     with fabric.rank_zero_first():
         splits = method.build_data(data_cfg, tokenizer)

@@ -1,7 +1,8 @@
 """Bradley-Terry reward modeling: loss = -log sigmoid(r(x, y_chosen) - r(x, y_rejected))."""
 
 from dataclasses import dataclass
-from typing import ClassVar
+from pathlib import Path
+from typing import ClassVar, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,8 @@ from tunelab.data import PairCollator, build_datasets
 from tunelab.engine.method import DataSplits, LossResult, Method, Models
 from tunelab.errors import TunelabError
 from tunelab.methods.fullfinetune_sft import freeze_token_embedding
+from tunelab.models.adapters import apply_adapter, merge_blocker, strip_virtual_positions
+from tunelab.models.pool import full_precision_loader
 
 
 def check_pair_batch_size(dataloader_kwargs: dict, whose: str, example: int) -> None:
@@ -23,6 +26,7 @@ def check_pair_batch_size(dataloader_kwargs: dict, whose: str, example: int) -> 
 
 
 def _score_head(model: torch.nn.Module) -> torch.nn.Module:
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft or bottleneck wrapper
     for name in ("score", "classifier"):
         head = getattr(model, name, None)
         if isinstance(head, torch.nn.Module):
@@ -46,7 +50,7 @@ def rewards(model: torch.nn.Module, batch: dict) -> torch.Tensor:
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     finally:
         hook.remove()
-    scores = captured[-1][..., 0]  # (rows, positions)
+    scores = strip_virtual_positions(captured[-1][..., 0], batch["input_ids"])  # (rows, positions)
     last = batch["attention_mask"].sum(dim=1) - 1  # right padding
     return scores[torch.arange(scores.shape[0], device=scores.device), last].float()
 
@@ -70,16 +74,49 @@ class BradleyTerryRewardModeling(Method):
     """Longest sequence in tokens; longer sides keep their last max_length tokens."""
     fix_token_embedding: bool = True
     """Freeze the input token embeddings."""
+    peft_config: Optional[dict] = None
+    """An adapter instead of every weight (any family of ``models.adapters``; its task type is
+    SEQ_CLS, so the score head trains whole beside it)."""
+    adapter_name: str = "default"
+    merge_and_unload: bool = False
+    """With peft_config: also write the adapter merged into the base to OUTPUT_DIR/merged (a
+    sequence-classification folder that PPO's reward_model_path takes)."""
+    save_ckpt_type: Literal["lightning", "hf", "peft"] = "lightning"
 
     loss_unit: ClassVar[str] = "pair"
 
     def check(self) -> None:
         super().check()
         check_pair_batch_size(self.dataloader_kwargs, "a reward-model", example=2)
+        if self.save_ckpt_type == "peft" and not self.peft_config:
+            raise TunelabError("method.save_ckpt_type=peft writes adapter folders, but there is no adapter: set method.peft_config, or use hf.")
+        if self.peft_config and str(self.peft_config.get("_target_", "")).endswith("PrefixTuningConfig"):
+            raise TunelabError(
+                "Prefix tuning cannot train a reward model here: peft passes the prefix to a sequence-classification model as "
+                "past_key_values, which transformers 5 models no longer take (they take cache). Use prompt tuning "
+                "(peft.PromptTuningConfig) or a weight adapter (LoRA, IA3, LoHa, LoKr, bottleneck) for the reward model."
+            )
+        blocker = merge_blocker(self.peft_config) if self.peft_config else None
+        if self.merge_and_unload and blocker:
+            raise TunelabError(
+                f"method.merge_and_unload=true, but {blocker}, so it cannot be merged into the base weights. "
+                "Set method.merge_and_unload=false, or train a mergeable family (LoRA, DoRA, IA3, LoHa, LoKr)."
+            )
 
     def build_models(self, pool, tokenizer) -> Models:
+        self.full_precision_base = full_precision_loader(pool, tokenizer)  # merging a QLoRA adapter loads it
         model = pool.load_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-        return Models(freeze_token_embedding(model) if self.fix_token_embedding else model)
+        model = freeze_token_embedding(model) if self.fix_token_embedding else model
+        if self.peft_config:
+            model = apply_adapter(model, self.peft_config, self.adapter_name, tokenizer=tokenizer, task_type="SEQ_CLS")
+        return Models(model)
+
+    def finalize(self, model: torch.nn.Module, output_dir: Path, tokenizer) -> dict:
+        if not (self.merge_and_unload and self.peft_config):
+            return {}
+        from tunelab.deploy import merge_adapter
+
+        return {"merged": merge_adapter(model, Path(output_dir) / "merged", tokenizer, getattr(self, "full_precision_base", None))}
 
     def examples_per_batch(self, batch_size: int) -> int:
         return max(1, batch_size // 2)

@@ -27,8 +27,10 @@ from tunelab.engine.method import DataSplits, LossResult, Models
 from tunelab.errors import TunelabError
 from tunelab.methods.bradley_terry_rm import check_pair_batch_size
 from tunelab.methods.fullfinetune_sft import FullFinetuneSFT, _unwrap, final_hidden_states, model_inputs, supports_chunked_loss
-from tunelab.methods.peftfinetune_sft import apply_peft
+from tunelab.methods.peftfinetune_sft import check_adapter_options, check_reference_under_adapter
+from tunelab.models.adapters import apply_adapter, mutates_base, strip_virtual_positions
 from tunelab.models.kernels import linear_log_probs
+from tunelab.models.pool import full_precision_loader
 from tunelab.progress import progress_bar
 from tunelab.resources import cache_dir
 
@@ -77,7 +79,7 @@ def token_log_probs(
         rows = hidden[:, :-1][supervised]
         log_probs = linear_log_probs(rows / temperature if temperature != 1.0 else rows, weight, targets[supervised], chunk_rows, dtype)
     else:
-        logits = model(**model_inputs(batch), use_cache=False, **forward_kwargs).logits[:, :-1]
+        logits = strip_virtual_positions(model(**model_inputs(batch), use_cache=False, **forward_kwargs).logits, batch["input_ids"])[:, :-1]
         log_probs = (logits[supervised].float() / temperature).log_softmax(-1).gather(1, targets[supervised][:, None]).squeeze(1)
     return log_probs, _sequence_of_targets(batch, supervised)
 
@@ -177,11 +179,13 @@ class DirectPreferenceOptimization(FullFinetuneSFT):
             return self.reference
         if self.loss_type in REFERENCE_FREE:
             return "none"
-        return "adapter_disabled" if self.peft_config else "copy"
+        return "adapter_disabled" if self.peft_config and not mutates_base(self.peft_config) else "copy"
 
     def check(self) -> None:
         super().check()
         check_pair_batch_size(self.dataloader_kwargs, "a DPO", example=8)
+        check_adapter_options(self, self.peft_config, self.merge_and_unload)
+        check_reference_under_adapter(self.reference, self.peft_config)
         if self.loss_type not in LossType.__args__:
             raise TunelabError(f"method.loss_type={self.loss_type!r} is not one of: {', '.join(LossType.__args__)}.")
         if self.reference == "adapter_disabled" and not self.peft_config:
@@ -221,13 +225,14 @@ class DirectPreferenceOptimization(FullFinetuneSFT):
         return DataSplits(*build_datasets(data_cfg, tokenizer, self.max_length, max_prompt_length=self.max_prompt_length))
 
     def build_models(self, pool, tokenizer) -> Models:
+        self.full_precision_base = full_precision_loader(pool, tokenizer)  # merging a QLoRA adapter loads it
         model = pool.load_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
         frozen = {}
         if self.reference_kind() == "copy":  # a copy, not a second load: a randomly initialised model would differ
             frozen["reference"] = self.prepare_reference(copy.deepcopy(model))
         model = self.prepare_model(model)
         if self.peft_config:
-            model = apply_peft(model, self.peft_config, self.adapter_name, self.fused_kernels)
+            model = apply_adapter(model, self.peft_config, self.adapter_name, self.fused_kernels, tokenizer=tokenizer)
             if self.chunked_loss and not supports_chunked_loss(model):  # e.g. an adapter on the output head
                 self.chunked_loss = False
         return Models(model, frozen)
@@ -336,7 +341,7 @@ class DirectPreferenceOptimization(FullFinetuneSFT):
             return {}
         from tunelab.deploy import merge_adapter
 
-        return {"merged": merge_adapter(model, Path(output_dir) / "merged", tokenizer)}
+        return {"merged": merge_adapter(model, Path(output_dir) / "merged", tokenizer, getattr(self, "full_precision_base", None))}
 
 
 def under_reference(kind: str, model: torch.nn.Module, frozen: dict, forward):

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 from tunelab.data import IGNORE_INDEX, PackCollator, PadCollator, build_datasets
 from tunelab.engine.method import DataSplits, LossResult, Method, Models
+from tunelab.models.adapters import strip_virtual_positions
+from tunelab.models.pool import is_quantized
 from tunelab.models.kernels import (
     autocast_dtype, compile_decoder_layers, linear_cross_entropy, rotary_in_compute_dtype, use_fused_norm_and_mlp, use_packed_attention,
 )
@@ -35,7 +37,7 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict) -> LossResult:
     accumulated micro-batches and across ranks. The third item holds extra metrics as sums over
     the same units (none for SFT).
     """
-    logits = model(**model_inputs(batch), use_cache=False).logits
+    logits = strip_virtual_positions(model(**model_inputs(batch), use_cache=False).logits, batch["input_ids"])
     labels = batch["labels"][:, 1:]
     loss = F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
@@ -151,7 +153,9 @@ class FullFinetuneSFT(Method):
         if self.fused_kernels:
             log.info("Fused RMSNorm/SwiGLU in %d modules", use_fused_norm_and_mlp(model))
             rotary_in_compute_dtype(model)
-        if self.compile if compile is None else compile:
+        if (self.compile if compile is None else compile) and is_quantized(model):
+            log.info("torch.compile skipped: the base is quantised (bitsandbytes' kernels do not compile)")
+        elif self.compile if compile is None else compile:
             log.info("torch.compile on %d modules (compiled at the first steps)", compile_decoder_layers(model))
         if lm_head and self.chunked_loss and not supports_chunked_loss(model):
             log.info("This model's output head does not fit the chunked loss; using the plain loss")

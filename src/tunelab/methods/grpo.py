@@ -35,7 +35,8 @@ from tunelab.errors import TunelabError
 from tunelab.methods.bradley_terry_rm import rewards as reward_model_scores
 from tunelab.methods.fullfinetune_sft import supports_chunked_loss
 from tunelab.methods.online import OnlinePolicyOptimization
-from tunelab.methods.peftfinetune_sft import apply_peft
+from tunelab.models.adapters import apply_adapter
+from tunelab.models.pool import full_precision_loader
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +232,7 @@ class GroupRelativePolicyOptimization(OnlinePolicyOptimization):
         return built
 
     def build_models(self, pool, tokenizer) -> Models:
+        self.full_precision_base = full_precision_loader(pool, tokenizer)  # merging a QLoRA adapter loads it
         model = pool.load_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
         frozen = {}
         if self.beta > 0 and self.reference_kind() == "copy":
@@ -240,7 +242,7 @@ class GroupRelativePolicyOptimization(OnlinePolicyOptimization):
                 frozen[f"reward_model_{i}"] = fn.load()
         model = self.prepare_model(model)
         if self.peft_config:
-            model = apply_peft(model, self.peft_config, self.adapter_name, self.fused_kernels)
+            model = apply_adapter(model, self.peft_config, self.adapter_name, self.fused_kernels, tokenizer=tokenizer)
             if self.chunked_loss and not supports_chunked_loss(model):
                 self.chunked_loss = False
         self.base_seed = torch.initial_seed()  # the run's seed: completions depend on it and the step only

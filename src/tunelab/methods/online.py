@@ -9,6 +9,7 @@ held-out evaluation. Each method adds how it scores completions (``score``) and 
 
 import copy
 import json
+import logging
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -17,13 +18,17 @@ from typing import Literal, Optional
 
 import torch
 
-from tunelab.data import IGNORE_INDEX, PromptCollator, build_datasets, pack_collate
+from tunelab.data import IGNORE_INDEX, PromptCollator, build_datasets, pack_collate, pad_collate
 from tunelab.engine.method import DataSplits
 from tunelab.engine.metrics import plot_metric_panels
 from tunelab.errors import TunelabError
 from tunelab.methods.dpo import token_log_probs, under_reference
 from tunelab.methods.fullfinetune_sft import FullFinetuneSFT
+from tunelab.methods.peftfinetune_sft import check_adapter_options, check_reference_under_adapter
+from tunelab.models.adapters import changes_sequence, mutates_base
 from tunelab.models.sampling import sample
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,6 +78,11 @@ class OnlinePolicyOptimization(FullFinetuneSFT):
             raise TunelabError("method.reference=adapter_disabled needs an adapter: set method.peft_config, or use method.reference=copy.")
         if self.save_ckpt_type == "peft" and not self.peft_config:
             raise TunelabError("method.save_ckpt_type=peft writes adapter folders, but there is no adapter: set method.peft_config, or use hf.")
+        check_adapter_options(self, self.peft_config, self.merge_and_unload)
+        check_reference_under_adapter(self.reference, self.peft_config)
+        if self.peft_config and changes_sequence(self.peft_config) and self.fast_generation:
+            log.info("method.fast_generation switched off: tunelab's decoding loop does not add the adapter's virtual tokens (transformers' generate through peft does)")
+            self.fast_generation = False
 
     def build_data(self, data_cfg, tokenizer) -> DataSplits:
         if data_cfg.format != "prompt":
@@ -88,7 +98,7 @@ class OnlinePolicyOptimization(FullFinetuneSFT):
     def reference_kind(self) -> str:
         if self.reference != "auto":
             return self.reference
-        return "adapter_disabled" if self.peft_config else "copy"
+        return "adapter_disabled" if self.peft_config and not mutates_base(self.peft_config) else "copy"
 
     def frozen_reference(self, model: torch.nn.Module) -> torch.nn.Module:
         """A frozen copy of the starting model, with this method's fast paths (uncompiled)."""
@@ -178,7 +188,7 @@ class OnlinePolicyOptimization(FullFinetuneSFT):
     # -- the training rows -------------------------------------------------------------------------
 
     def completion_batch(self, batch: dict, generated: dict, mask_truncated: bool = False) -> dict:
-        """One packed row of prompt + completion per completion, labels on the completion only
+        """One row of prompt + completion per completion (packed into one row with packing on), labels on the completion only
         (on none of it for a truncated completion when ``mask_truncated``), on the batch's device."""
         device = batch["prompt_ids"].device
         prompt_rows = [row[mask.bool()].tolist() for row, mask in zip(batch["prompt_ids"].cpu(), batch["prompt_mask"].cpu())]
@@ -188,8 +198,8 @@ class OnlinePolicyOptimization(FullFinetuneSFT):
             supervised = not (mask_truncated and truncated) and len(completion) > 0
             labels = [IGNORE_INDEX] * len(prompt) + (completion if supervised else [IGNORE_INDEX] * len(completion))
             examples.append({"input_ids": prompt + completion, "labels": labels})
-        packed = pack_collate(examples)
-        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in packed.items()}
+        rows = pack_collate(examples) if self.packing else pad_collate(examples, self.pad_token_id)
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in rows.items()}
 
     def policy_log_probs(self, model: torch.nn.Module, batch: dict, **forward_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probabilities of the completion tokens under the sampling distribution (logits
@@ -265,7 +275,7 @@ class OnlinePolicyOptimization(FullFinetuneSFT):
         if self.merge_and_unload and self.peft_config:
             from tunelab.deploy import merge_adapter
 
-            outputs["merged"] = merge_adapter(self.policy_of(model), Path(output_dir) / "merged", tokenizer)
+            outputs["merged"] = merge_adapter(self.policy_of(model), Path(output_dir) / "merged", tokenizer, getattr(self, "full_precision_base", None))
         return outputs
 
     def policy_of(self, model: torch.nn.Module) -> torch.nn.Module:

@@ -1,13 +1,19 @@
-"""Parameter-efficient supervised fine-tuning with any ``peft`` config (LoRA, DoRA, IA3, ...)."""
+"""Parameter-efficient supervised fine-tuning with any adapter family (``models.adapters``)."""
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from tunelab.config import instantiate
+from tunelab.engine.method import Models
+from tunelab.errors import TunelabError
 from tunelab.methods.fullfinetune_sft import FullFinetuneSFT, supports_chunked_loss
+from tunelab.models.adapters import apply_adapter, changes_sequence, merge_blocker, mutates_base
+from tunelab.models.pool import full_precision_loader
+
+log = logging.getLogger(__name__)
 
 
 def _lora_defaults() -> dict:
@@ -18,47 +24,32 @@ def _lora_defaults() -> dict:
     }  # fmt: skip
 
 
-def _peft_node(node: dict) -> dict:
-    """YAML writes the task type as ``peft.TaskType.CAUSAL_LM``; peft takes the member's name."""
-    node = dict(node)
-    task = node.get("task_type")
-    if isinstance(task, str) and task.startswith("peft.TaskType."):
-        node["task_type"] = task.rsplit(".", 1)[1]
-    return node
+def check_adapter_options(method, peft_config, merge_and_unload: bool) -> None:
+    """Before any model loads: a family that cannot merge is refused for merge_and_unload, and a
+    family that adds virtual tokens switches off packing and the chunked loss (logged)."""
+    if not peft_config:
+        return
+    blocker = merge_blocker(peft_config)
+    if merge_and_unload and blocker:
+        raise TunelabError(
+            f"method.merge_and_unload=true, but {blocker}, so it cannot be merged into the base weights. "
+            "Set method.merge_and_unload=false and ship the adapter folder with its base, or train a mergeable family (LoRA, DoRA, IA3, LoHa, LoKr)."
+        )
+    if changes_sequence(peft_config):
+        for name, why in (("packing", "a packed row would share one set of virtual tokens"), ("chunked_loss", "the virtual tokens shift the output positions")):
+            if getattr(method, name, False):
+                log.info("method.%s switched off for %s: %s", name, str(peft_config.get("_target_", "")).rsplit(".", 1)[-1], why)
+                setattr(method, name, False)
 
 
-def adapters_follow_autocast(model: torch.nn.Module) -> int:
-    """peft casts each adapter's input to the adapter's dtype (float32) before the adapter runs;
-    under autocast the adapter's matmul casts it straight back, so each adapted projection keeps
-    one more copy of its input for the backward pass. While autocast is on (checked at every
-    forward), skip that cast: the same values, and the adapters share the projection's saved input.
-    Returns how many adapter layers this applies to."""
-    layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
-    if not layers:
-        return 0
-
-    def before(module, args, kwargs):  # the device is read here: Fabric moves the model after this setup
-        autocast = torch.is_autocast_enabled(next(module.parameters()).device.type)
-        for layer in layers:
-            layer.cast_input_dtype_enabled = not autocast
-
-    def after(module, args, kwargs, output):
-        for layer in layers:
-            layer.cast_input_dtype_enabled = True
-
-    model.register_forward_pre_hook(before, with_kwargs=True)
-    model.register_forward_hook(after, with_kwargs=True)
-    return len(layers)
-
-
-def apply_peft(model: torch.nn.Module, peft_config: dict, adapter_name: str, fused_kernels: bool) -> torch.nn.Module:
-    """Wrap a prepared model in a peft adapter from a ``_target_`` config node."""
-    from peft import get_peft_model
-
-    model = get_peft_model(model, instantiate(_peft_node(peft_config)), adapter_name=adapter_name)
-    if fused_kernels:
-        adapters_follow_autocast(model)
-    return model
+def check_reference_under_adapter(reference: str, peft_config) -> None:
+    """PiSSA and OLoRA change the base weights, so switching their adapter off does not give the
+    starting model back: the reference must be a copy."""
+    if reference == "adapter_disabled" and peft_config and mutates_base(peft_config):
+        raise TunelabError(
+            f"method.reference=adapter_disabled, but init_lora_weights={peft_config.get('init_lora_weights')} moves part of the base "
+            "weights into the adapter, so the base with the adapter switched off is not the starting model. Use method.reference=auto (a frozen copy)."
+        )
 
 
 @dataclass
@@ -76,15 +67,21 @@ class PeftFinetuneSFT(FullFinetuneSFT):
     save_ckpt_type: Literal["lightning", "peft"] = "lightning"
     """peft: checkpoints are adapter folders that PeftModel.from_pretrained loads."""
 
-    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        model = apply_peft(super().prepare_model(model), self.peft_config, self.adapter_name, self.fused_kernels)
+    def check(self) -> None:
+        super().check()
+        check_adapter_options(self, self.peft_config, self.merge_and_unload)
+
+    def build_models(self, pool, tokenizer) -> Models:
+        self.full_precision_base = full_precision_loader(pool, tokenizer)  # merging a QLoRA adapter loads it
+        model = self.prepare_model(pool.load_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id))
+        model = apply_adapter(model, self.peft_config, self.adapter_name, self.fused_kernels, tokenizer=tokenizer)
         if self.chunked_loss and not supports_chunked_loss(model):  # e.g. an adapter on the output head
             self.chunked_loss = False
-        return model
+        return Models(model)
 
     def finalize(self, model: torch.nn.Module, output_dir: Path, tokenizer) -> dict:
         if not self.merge_and_unload:
             return {}
         from tunelab.deploy import merge_adapter
 
-        return {"merged": merge_adapter(model, Path(output_dir) / "merged", tokenizer)}
+        return {"merged": merge_adapter(model, Path(output_dir) / "merged", tokenizer, getattr(self, "full_precision_base", None))}

@@ -37,7 +37,8 @@ from tunelab.methods.bradley_terry_rm import rewards as reward_model_scores
 from tunelab.methods.fullfinetune_sft import _unwrap, supports_chunked_loss
 from tunelab.methods.grpo import clipped_token_losses
 from tunelab.methods.online import OnlinePolicyOptimization
-from tunelab.methods.peftfinetune_sft import apply_peft
+from tunelab.models.adapters import apply_adapter, strip_virtual_positions
+from tunelab.models.pool import full_precision_loader
 from tunelab.rewards import RewardModel
 
 log = logging.getLogger(__name__)
@@ -270,6 +271,7 @@ class ProximalPolicyOptimization(OnlinePolicyOptimization):
         self.scorer.check("method.reward_model_path")
 
     def build_models(self, pool, tokenizer) -> Models:
+        self.full_precision_base = full_precision_loader(pool, tokenizer)  # merging a QLoRA adapter loads it
         policy = pool.load_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
         frozen = {"reward_model": self.scorer.load()}
         if self.uses_reference() and self.reference_kind() == "copy":
@@ -280,13 +282,13 @@ class ProximalPolicyOptimization(OnlinePolicyOptimization):
             torch.nn.init.zeros_(value_head.weight), torch.nn.init.zeros_(value_head.bias)
         policy = self.prepare_model(policy)
         if self.peft_config:
-            policy = apply_peft(policy, self.peft_config, self.adapter_name, self.fused_kernels)
+            policy = apply_adapter(policy, self.peft_config, self.adapter_name, self.fused_kernels, tokenizer=tokenizer)
             if self.chunked_loss and not supports_chunked_loss(policy):
                 self.chunked_loss = False
         if value_model is not None:
             value_model = self.prepare_model(value_model, lm_head=False)
             if self.peft_config:  # the value model gets its own adapter; its score head trains whole
-                value_model = apply_peft(value_model, {**self.peft_config, "task_type": "SEQ_CLS"}, self.adapter_name, self.fused_kernels)
+                value_model = apply_adapter(value_model, self.peft_config, self.adapter_name, self.fused_kernels, tokenizer=tokenizer, task_type="SEQ_CLS")
         self.base_seed = torch.initial_seed()  # the run's seed: completions depend on it and the step only
         composite = PolicyAndValue(policy, value_model, value_head)
         return Models(composite, frozen, self.param_groups(composite))
@@ -363,7 +365,7 @@ class ProximalPolicyOptimization(OnlinePolicyOptimization):
             with torch.no_grad(), capture_values(model) as captured:
                 old_log_probs, sequence = self.policy_log_probs(model, train_batch, values=True)
             supervised = train_batch["labels"][:, 1:] != IGNORE_INDEX
-            train_batch["old_values"] = captured["values"][:, :-1][supervised]
+            train_batch["old_values"] = strip_virtual_positions(captured["values"], train_batch["input_ids"])[:, :-1][supervised]
             train_batch["old_log_probs"] = old_log_probs
             kl = old_log_probs - self.reference_log_probs(model, frozen, train_batch) if self.uses_reference() else torch.zeros_like(old_log_probs)
             rewards = -self.current_kl_coef * kl
@@ -424,7 +426,7 @@ class ProximalPolicyOptimization(OnlinePolicyOptimization):
             )
         with capture_values(model) as captured:
             log_probs, _ = self.policy_log_probs(model, batch, values=True)
-        values = captured["values"][:, :-1][batch["labels"][:, 1:] != IGNORE_INDEX]
+        values = strip_virtual_positions(captured["values"], batch["input_ids"])[:, :-1][batch["labels"][:, 1:] != IGNORE_INDEX]
         policy_losses, clipped = clipped_token_losses(log_probs, batch["old_log_probs"], batch["advantages"], self.cliprange, self.cliprange)
         value_losses, value_clipped = clipped_value_losses(values, batch["old_values"], batch["returns"], self.cliprange_value)
         loss = (policy_losses + self.vf_coef * value_losses).sum()

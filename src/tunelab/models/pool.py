@@ -4,6 +4,7 @@ A model loads from a local Hugging Face folder, from a GGUF file (dequantized on
 safetensors, since dequantizing takes seconds every time) or from a bare config (random init).
 """
 
+import copy
 import hashlib
 import logging
 import os
@@ -78,6 +79,41 @@ def gguf_model_dir(gguf: Path) -> Path:
     return _convert_once(_gguf_cache(gguf, "model"), convert)
 
 
+Quantization = Literal["nf4", "int8"]
+
+
+def quantization_config(kind: str):
+    """transformers' BitsAndBytesConfig for ``modelpool.quantization`` (nf4: QLoRA's settings)."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise TunelabError(
+            f"modelpool.quantization={kind} loads the base through bitsandbytes, which is not installed here: "
+            "pip install 'bitsandbytes>=0.45' (its wheels include a CPU build), or set modelpool.quantization=null."
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    if kind == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(inner, "is_loaded_in_4bit", False) or getattr(inner, "is_loaded_in_8bit", False))
+
+
+def full_precision_loader(pool, tokenizer):
+    """A function that loads ``pool``'s model unquantised (merging a QLoRA adapter needs it)."""
+
+    def load():
+        plain = copy.copy(pool)
+        plain.quantization = None
+        return plain.load_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+
+    return load
+
+
 class CausalLMPool:
     """A causal language model and its tokenizer.
 
@@ -88,6 +124,9 @@ class CausalLMPool:
         config: architecture options for random init (``model_type`` plus its config fields).
         dtype: float32, bfloat16, float16 or auto (as stored).
         attn_implementation: passed to transformers (sdpa, eager, flash_attention_2).
+        quantization: nf4 (4-bit NormalFloat with double quantisation, bf16 compute: QLoRA) or
+            int8, through bitsandbytes (CUDA, or its CPU build); null: unquantised. A quantised
+            base trains adapters only.
     """
 
     auto_class = "AutoModelForCausalLM"
@@ -100,6 +139,7 @@ class CausalLMPool:
         config: Optional[dict] = None,
         dtype: DTypeName = "float32",
         attn_implementation: Optional[str] = "sdpa",
+        quantization: Optional[Quantization] = None,
     ):
         if model_path is None and config is None:
             raise TunelabError(
@@ -113,6 +153,9 @@ class CausalLMPool:
         self.config = dict(config or {})
         self.dtype = dtype
         self.attn_implementation = attn_implementation
+        if quantization not in (None, *Quantization.__args__):
+            raise TunelabError(f"modelpool.quantization={quantization!r} is not one of: null, {', '.join(Quantization.__args__)}.")
+        self.quantization = quantization
 
     def _hf_dir(self, path: str, what: str, part: str) -> Path:
         resolved = resolve_path(path, what)
@@ -154,6 +197,10 @@ class CausalLMPool:
             config_overrides["pad_token_id"] = pad_token_id
         if self.attn_implementation:
             kwargs["attn_implementation"] = self.attn_implementation
+        if self.quantization:
+            kwargs["quantization_config"] = quantization_config(self.quantization)
+            if torch.cuda.is_available():  # quantised weights are placed while loading; they cannot move afterwards
+                kwargs["device_map"] = {"": torch.cuda.current_device()}
         if self.model_path is None:
             from transformers import AutoConfig
 
@@ -162,7 +209,11 @@ class CausalLMPool:
             if vocab_size is not None:
                 options.setdefault("vocab_size", vocab_size)
             config = AutoConfig.for_model(model_type, **options, **config_overrides)
-            return self._auto_class().from_config(config, **kwargs)
+            if not self.quantization:
+                return self._auto_class().from_config(config, **kwargs)
+            with tempfile.TemporaryDirectory() as folder:  # quantisation happens while loading weights: save, then load
+                self._auto_class().from_config(config, dtype=kwargs["dtype"]).save_pretrained(folder)
+                return self._auto_class().from_pretrained(folder, **kwargs)
         folder = self._hf_dir(self.model_path, "modelpool.model_path", "model")
         return self._auto_class().from_pretrained(folder, **kwargs, **config_overrides)
 

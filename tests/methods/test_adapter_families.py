@@ -1,0 +1,162 @@
+"""Every adapter family x {SFT, reward model, DPO} on a tiny model: one training step, the adapter
+folder reloads in the ecosystem's loader (peft, or tunelab's for bottleneck adapters) with the
+trained model's outputs, and mergeable families merge to the same outputs."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tunelab.config import compose_config
+from tunelab.engine import train
+from tunelab.errors import TunelabError
+
+DEMO_DATA = "pkg://tunelab/demo_data/gsm8k_demo.jsonl"
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "tie_word_embeddings": True}  # fmt: skip
+LORA = "_target_:peft.LoraConfig,task_type:CAUSAL_LM,r:8,lora_alpha:16,target_modules:[q_proj,v_proj,down_proj]"
+FAMILIES = {
+    "lora": LORA,
+    "dora": LORA + ",use_dora:true",
+    "rslora": LORA + ",use_rslora:true",
+    "pissa": LORA + ",init_lora_weights:pissa",
+    "olora": LORA + ",init_lora_weights:olora",
+    "ia3": "_target_:peft.IA3Config,task_type:CAUSAL_LM,target_modules:[k_proj,v_proj,down_proj],feedforward_modules:[down_proj]",
+    "loha": "_target_:peft.LoHaConfig,task_type:CAUSAL_LM,r:4,alpha:4,target_modules:[q_proj,v_proj]",
+    "lokr": "_target_:peft.LoKrConfig,task_type:CAUSAL_LM,r:4,alpha:4,target_modules:[q_proj,v_proj]",
+    "prompt": "_target_:peft.PromptTuningConfig,task_type:CAUSAL_LM,num_virtual_tokens:4",
+    "prompt_text": "_target_:peft.PromptTuningConfig,task_type:CAUSAL_LM,num_virtual_tokens:4,prompt_tuning_init:TEXT,prompt_tuning_init_text:'Solve it'",
+    "prefix": "_target_:peft.PrefixTuningConfig,task_type:CAUSAL_LM,num_virtual_tokens:4",
+    "prefix_projection": "_target_:peft.PrefixTuningConfig,task_type:CAUSAL_LM,num_virtual_tokens:4,prefix_projection:true,encoder_hidden_size:32",
+    "bottleneck": "_target_:tunelab.models.bottleneck.BottleneckConfig,size:8",
+}
+UNMERGEABLE = ("prompt", "prompt_text", "prefix", "prefix_projection", "bottleneck")
+METHODS = ("sft", "reward_model", "dpo")
+TEXT = "Natalia sold clips to 48 of her friends in April."
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory, tokenizer) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("base")
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **TINY)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> Path:
+    good = ["Mix flour, water, yeast and salt, then bake.", "Preheat the oven and knead the dough well."]
+    rows = [{"prompt": f"Question {i}: how do I bake bread?", "chosen": good[i % 2], "rejected": "No."} for i in range(8)]
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def overrides(method: str, family: str, base: Path, pairs: Path, out: Path, *extra: str) -> list[str]:
+    data = {
+        "sft": ["method=lm_finetune/peftfinetune_sft", "modelpool=CausalLMPool/tiny-llama", f"data.path={DEMO_DATA}", "data.prompt_field=question",
+                "data.completion_field=answer", "data.max_samples=8", "method.dataloader_kwargs.batch_size=4"],
+        "reward_model": ["method=lm_finetune/bradley_terry_rm", "modelpool=SequenceClassificationModelPool/tiny-llama",
+                         f"data.path={pairs}", "data.format=preference", "method.dataloader_kwargs.batch_size=4"],
+        "dpo": ["method=lm_finetune/dpo", "modelpool=CausalLMPool/tiny-llama", f"data.path={pairs}", "data.format=preference", "method.dataloader_kwargs.batch_size=4"],
+    }[method]  # fmt: skip
+    return [
+        *data, f"modelpool.model_path={base}", "modelpool.dtype=float32", f"data.cache_dir={out.parent / 'cache'}",
+        "method.max_length=96", "method.max_steps=1", "method.optimizer.lr=1e-2", "method.lr_scheduler=null",
+        *(["~method.peft_config", "method.compile=false"] if method == "sft" else ["method.compile=false"] if method == "dpo" else []),
+        "method.save_ckpt_type=peft", f"+method.peft_config={{{FAMILIES[family]}}}",
+        f"output_dir={out}", "progress_bar=false", "fabric.precision=32-true", *extra,
+    ]  # fmt: skip
+
+
+def outputs(model, tokenizer) -> torch.Tensor:
+    ids = tokenizer(TEXT, return_tensors="pt")["input_ids"]
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
+
+
+def fresh_base(method: str, base: Path, tokenizer):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if method == "reward_model":
+        return AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    return AutoModelForCausalLM.from_pretrained(base)
+
+
+def reload(method: str, family: str, base: Path, folder: Path, tokenizer):
+    if family == "bottleneck":
+        from tunelab.models.bottleneck import load_bottleneck_adapters
+
+        return load_bottleneck_adapters(fresh_base(method, base, tokenizer), folder)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(fresh_base(method, base, tokenizer), folder)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("method", METHODS)
+def test_family_trains_saves_reloads_and_merges(method, family, base_model, pairs, tmp_path, tokenizer, monkeypatch):
+    from tunelab.methods import BradleyTerryRewardModeling, DirectPreferenceOptimization, PeftFinetuneSFT
+
+    if method == "reward_model" and family.startswith("prefix"):
+        with pytest.raises(TunelabError, match="Prefix tuning cannot train a reward model.*prompt tuning"):
+            train(compose_config(overrides(method, family, base_model, pairs, tmp_path / "run")))
+        return
+    cls = {"sft": PeftFinetuneSFT, "reward_model": BradleyTerryRewardModeling, "dpo": DirectPreferenceOptimization}[method]
+    trained, original_finalize = {}, cls.finalize
+
+    def finalize(self, model, output_dir, tok):  # the trained model's outputs, before any merge changes it
+        trained["outputs"] = outputs(model, tokenizer)
+        model.train()
+        return original_finalize(self, model, output_dir, tok)
+
+    monkeypatch.setattr(cls, "finalize", finalize)
+    merge = family not in UNMERGEABLE
+    result = train(compose_config(overrides(method, family, base_model, pairs, tmp_path / "run", f"method.merge_and_unload={str(merge).lower()}")))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert 0 < summary["trainable_parameters"] < summary["total_parameters"] / 4
+
+    reloaded = outputs(reload(method, family, base_model, result.final_checkpoint, tokenizer), tokenizer)
+    torch.testing.assert_close(reloaded, trained["outputs"], rtol=0, atol=1e-5)
+    untouched = outputs(fresh_base(method, base_model, tokenizer), tokenizer)
+    if method != "reward_model":  # a fresh score head is random, so only the language models compare with their base
+        extra = reloaded.shape[1] - untouched.shape[1]  # prompt tuning's logits include its virtual tokens
+        assert (reloaded[:, extra:] - untouched).abs().max() > 1e-4, "one step at lr 1e-2 changed nothing"
+    if merge:
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        loader = AutoModelForSequenceClassification if method == "reward_model" else AutoModelForCausalLM
+        merged = outputs(loader.from_pretrained(result.outputs["merged"]), tokenizer)
+        torch.testing.assert_close(merged, trained["outputs"], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", UNMERGEABLE)
+def test_merging_a_family_that_cannot_merge_is_refused_before_training(family, base_model, pairs, tmp_path):
+    with pytest.raises(TunelabError, match="cannot be merged"):
+        train(compose_config(overrides("sft", family, base_model, pairs, tmp_path / "run", "method.merge_and_unload=true")))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_target_modules_that_match_nothing_name_the_linear_modules(base_model, pairs, tmp_path):
+    bad = FAMILIES["lora"].replace("[q_proj,v_proj,down_proj]", "[q_proj,qkv]")
+    run = overrides("sft", "lora", base_model, pairs, tmp_path / "run")
+    run[run.index(f"+method.peft_config={{{FAMILIES['lora']}}}")] = f"+method.peft_config={{{bad}}}"
+    with pytest.raises(TunelabError, match=r"\['qkv'\].*linear modules are: .*down_proj.*q_proj"):
+        train(compose_config(run))
+
+
+def test_virtual_token_families_switch_packing_and_the_chunked_loss_off(base_model, pairs, tmp_path, caplog):
+    from tunelab.config import instantiate
+
+    cfg = compose_config(overrides("sft", "prompt", base_model, pairs, tmp_path / "run"))
+    method = instantiate(cfg.method)
+    assert method.packing and method.chunked_loss
+    with caplog.at_level("INFO"):
+        method.check()
+    assert not method.packing and not method.chunked_loss
+    assert "packing switched off" in caplog.text
