@@ -160,3 +160,43 @@ def test_virtual_token_families_switch_packing_and_the_chunked_loss_off(base_mod
         method.check()
     assert not method.packing and not method.chunked_loss
     assert "packing switched off" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def reward_model_folder(tmp_path_factory, tokenizer) -> Path:
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("rm")
+    config = LlamaConfig(vocab_size=len(tokenizer), num_labels=1, pad_token_id=tokenizer.pad_token_id, **TINY)
+    model = LlamaForSequenceClassification(config)
+    torch.nn.init.normal_(model.score.weight, std=1.0)  # scores that differ between completions
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("family", ["pissa", "prompt", "prefix", "bottleneck"])
+@pytest.mark.parametrize("method", ["grpo", "ppo"])
+def test_online_methods_train_every_kind_of_family(method, family, base_model, reward_model_folder, tmp_path, tokenizer):
+    """Weight adapters, PiSSA (reference: a copy), virtual tokens (padded rows, transformers'
+    generate) and bottleneck adapters each take two GRPO or PPO steps and save a folder that reloads."""
+    out = tmp_path / "run"
+    common = [
+        "modelpool=CausalLMPool/tiny-llama", f"modelpool.model_path={base_model}", f"data.path={DEMO_DATA}", "data.format=prompt",
+        "data.prompt_field=question", "data.max_samples=8", f"data.cache_dir={tmp_path / 'cache'}", "method.max_completion_length=6",
+        "method.compile=false", "taskpool=dummy", "method.optimizer.lr=1e-2", "method.max_steps=2", "method.save_ckpt_type=peft",
+        f"+method.peft_config={{{FAMILIES[family]}}}", f"output_dir={out}", "progress_bar=false", "fabric.precision=32-true",
+    ]  # fmt: skip
+    specific = {
+        "grpo": ["method=lm_finetune/grpo", "method.num_generations=2", "method.dataloader_kwargs.batch_size=4", "method.beta=0.1"],
+        "ppo": ["method=lm_finetune/ppo", f"method.reward_model_path={reward_model_folder}", "method.value_model=shared",
+                "method.dataloader_kwargs.batch_size=2", "method.ppo_epochs=1"],
+    }[method]  # fmt: skip
+    result = train(compose_config(specific + common))
+    lines = (out / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    losses = [float(row.split(",")[header.index("train/loss")]) for row in lines[1:] if row.split(",")[header.index("train/loss")]]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    reloaded = reload("sft", family, base_model, result.final_checkpoint, tokenizer)
+    assert torch.isfinite(outputs(reloaded, tokenizer)).all()

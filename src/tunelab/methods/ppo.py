@@ -249,6 +249,12 @@ class ProximalPolicyOptimization(OnlinePolicyOptimization):
             )
         if self.value_model not in ValueModel.__args__:
             raise TunelabError(f"method.value_model={self.value_model!r} is not one of: {', '.join(ValueModel.__args__)}.")
+        if self.peft_config and str(self.peft_config.get("_target_", "")).endswith("PrefixTuningConfig") and self.value_model != "shared":
+            raise TunelabError(
+                f"method.value_model={self.value_model} gives the value model its own adapter of the policy's family, and prefix tuning "
+                "cannot adapt a sequence-classification model here (peft hands it the prefix as past_key_values, which transformers 5 "
+                "models no longer take). Use method.value_model=shared (a value head on the policy)."
+            )
         for name in ("ppo_epochs", "num_mini_batches", "reward_model_batch_size", "kl_horizon"):
             if getattr(self, name) < 1:
                 raise TunelabError(f"method.{name}={getattr(self, name)} must be at least 1.")

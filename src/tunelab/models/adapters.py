@@ -28,6 +28,7 @@ import torch
 
 from tunelab.config import instantiate
 from tunelab.errors import TunelabError
+from tunelab.models.bottleneck import add_bottleneck_adapters, is_bottleneck_config
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,6 @@ def _target(node) -> str:
     return str(node.get("_target_", "")) if isinstance(node, dict) else type(node).__name__
 
 
-def is_bottleneck(node) -> bool:
-    """tunelab's bottleneck adapters (``tunelab.models.bottleneck.BottleneckConfig``)."""
-    return _target(node).rsplit(".", 1)[-1] == "BottleneckConfig"
-
-
 def changes_sequence(node) -> bool:
     """Prompt learning (prompt, prefix, p-tuning): virtual tokens join every sequence."""
     name = _target(node).rsplit(".", 1)[-1]
@@ -66,7 +62,7 @@ def mutates_base(node) -> bool:
 
 def merge_blocker(node) -> str | None:
     """Why this family cannot be merged into the base weights, or None if it can."""
-    if is_bottleneck(node):
+    if is_bottleneck_config(node):
         return "bottleneck adapters add layers with a nonlinearity, which no weight of the base can absorb"
     if changes_sequence(node):
         return f"{_target(node).rsplit('.', 1)[-1]} adds virtual tokens to every sequence instead of changing weights"
@@ -102,9 +98,7 @@ def apply_adapter(model: torch.nn.Module, node: dict, adapter_name: str = "defau
     ``task_type`` overrides the node's (a reward model's adapter is SEQ_CLS, which also keeps the
     score head trainable); ``tokenizer`` initialises prompt tuning from text when the node gives
     no tokenizer path."""
-    if is_bottleneck(node):
-        from tunelab.models.bottleneck import add_bottleneck_adapters
-
+    if is_bottleneck_config(node):
         return add_bottleneck_adapters(model, {k: v for k, v in node.items() if k != "_target_"} if isinstance(node, dict) else node)
     from peft import get_peft_model, prepare_model_for_kbit_training
 
