@@ -200,3 +200,36 @@ def test_online_methods_train_every_kind_of_family(method, family, base_model, r
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     reloaded = reload("sft", family, base_model, result.final_checkpoint, tokenizer)
     assert torch.isfinite(outputs(reloaded, tokenizer)).all()
+
+
+@pytest.mark.parametrize("family", ["prompt", "prefix"])
+def test_virtual_tokens_keep_the_loss_and_the_reward_on_the_real_positions(family, tokenizer):
+    """With virtual tokens in front, a padded batch gives every row the loss and the reward it has
+    alone: the labels, the padding and the last real token are read at the input's positions."""
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from tunelab.config import instantiate
+    from tunelab.data import pad_collate
+    from tunelab.methods.bradley_terry_rm import rewards
+    from tunelab.methods.fullfinetune_sft import causal_lm_loss
+    from tunelab.models.adapters import _peft_node
+
+    node = dict(item.split(":", 1) for item in FAMILIES[family].split(","))
+    node["num_virtual_tokens"] = int(node["num_virtual_tokens"])
+    examples = [{"input_ids": [5, 6, 7, 8, 9, 10], "labels": [-100, -100, -100, 8, 9, 10]}, {"input_ids": [11, 12, 13], "labels": [-100, 12, 13]}]
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, num_labels=1, pad_token_id=0, **TINY)
+    lm = get_peft_model(LlamaForCausalLM(config), instantiate(_peft_node(node))).eval()
+    batch = pad_collate(examples, pad_token_id=0)
+    together = causal_lm_loss(lm, batch)
+    alone = [causal_lm_loss(lm, pad_collate([e], pad_token_id=0)) for e in examples]
+    assert int(together.units) == sum(int(a.units) for a in alone) == 5
+    torch.testing.assert_close(together.loss, sum(a.loss for a in alone), rtol=1e-5, atol=1e-5)
+    if family == "prefix":
+        return  # prefix tuning does not adapt reward models (test_family_trains_saves_reloads_and_merges)
+    torch.manual_seed(0)
+    rm = get_peft_model(LlamaForSequenceClassification(config), instantiate(_peft_node({**node, "task_type": "SEQ_CLS"}))).eval()
+    scores = rewards(rm, batch)
+    single = torch.cat([rewards(rm, pad_collate([e], pad_token_id=0)) for e in examples])
+    torch.testing.assert_close(scores, single, rtol=1e-5, atol=1e-5)
