@@ -24,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # bench/ is not a package: share bench/sft.py's helpers by plain import
 
-from sft import DEFAULT_DATA, add_shared_arguments, combine, launch, load_rows, peak_memory_gib, prepare, run_in_turn, run_names, throughput  # noqa: E402
+from sft import DEFAULT_DATA, add_shared_arguments, combine, heldout_loss, load_rows, peak_memory_gib, prepare, run_in_turn, run_names, throughput  # noqa: E402
 
 TARGETS = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
 LORA = f"_target_:peft.LoraConfig,task_type:CAUSAL_LM,r:16,lora_alpha:32,lora_dropout:0.0,target_modules:{TARGETS}"
@@ -54,34 +54,6 @@ RUNS = {
 
 
 # ----------------------------------------------------------------------------- workers
-def heldout_loss(model, rows: list[dict], pad_id: int, device: str, batch_size: int = 8) -> float:
-    """Mean next-token loss over the supervised tokens of ``rows`` in fp32; the logits of virtual
-    tokens (prompt tuning) are cut off first."""
-    import torch
-    import torch.nn.functional as F
-
-    from tunelab.models.adapters import strip_virtual_positions
-
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(rows), batch_size):
-            chunk = rows[i : i + batch_size]
-            longest = max(len(r["input_ids"]) for r in chunk)
-            ids = torch.full((len(chunk), longest), pad_id)
-            labels = torch.full((len(chunk), longest), -100)
-            mask = torch.zeros((len(chunk), longest), dtype=torch.long)
-            for j, r in enumerate(chunk):
-                n = len(r["input_ids"])
-                ids[j, :n], labels[j, :n], mask[j, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
-            logits = strip_virtual_positions(logits, ids)
-            target = labels[:, 1:].to(device)
-            total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum"))
-            count += int((target != -100).sum())
-    return total / count
-
-
 def base_model(spec: dict, quantized: bool = False):
     import torch
     from transformers import AutoModelForCausalLM

@@ -94,6 +94,7 @@ def heldout_loss(model, rows: list[dict], pad_id: int, device: str, batch_size: 
                 n = len(r["input_ids"])
                 ids[j, :n], labels[j, :n], mask[j, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
+            logits = logits[:, logits.shape[1] - ids.shape[1] :]  # without the logits of virtual tokens (prompt tuning)
             target = labels[:, 1:].to(device)
             total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum"))
             count += int((target != -100).sum())

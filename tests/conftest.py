@@ -45,3 +45,21 @@ def tokenizer():
 def _quiet_threads(monkeypatch):
     # Two cores on CI: keep torch from oversubscribing when tests run tokenization in parallel.
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+
+
+TINY_LLAMA = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "tie_word_embeddings": True}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_base_model(tmp_path_factory, tokenizer) -> Path:
+    """A tiny random Llama saved as a Hugging Face folder with SmolLM2's tokenizer, so that peft,
+    transformers and tunelab all reload the same base."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-base")
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **TINY_LLAMA)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

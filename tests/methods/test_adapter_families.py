@@ -37,14 +37,8 @@ TEXT = "Natalia sold clips to 48 of her friends in April."
 
 
 @pytest.fixture(scope="module")
-def base_model(tmp_path_factory, tokenizer) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("base")
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **TINY)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+def base_model(tiny_base_model) -> Path:
+    return tiny_base_model
 
 
 @pytest.fixture(scope="module")

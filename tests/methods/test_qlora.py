@@ -15,20 +15,12 @@ from tunelab.errors import TunelabError
 pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install -e .[dev] installs it)")
 
 DEMO_DATA = "pkg://tunelab/demo_data/gsm8k_demo.jsonl"
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "tie_word_embeddings": True}  # fmt: skip
 TEXT = "Natalia sold clips to 48 of her friends in April."
 
 
 @pytest.fixture(scope="module")
-def base_model(tmp_path_factory, tokenizer) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("base")
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **TINY)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+def base_model(tiny_base_model) -> Path:
+    return tiny_base_model
 
 
 def sft(base: Path, out: Path, *extra: str) -> list[str]:
