@@ -35,7 +35,7 @@ RUNS = {
     "rslora": {"node": LORA + ",use_rslora:true", "lr": 2e-4, "about": "rank-stabilised LoRA r=16"},
     "pissa": {"node": LORA + ",init_lora_weights:pissa_niter_4", "lr": 2e-4, "about": "LoRA r=16 initialised from the principal singular vectors (PiSSA, fast SVD)"},
     "olora": {"node": LORA + ",init_lora_weights:olora", "lr": 2e-4, "about": "LoRA r=16 with orthonormal (QR) initialisation (OLoRA)"},
-    "qlora": {"node": LORA, "lr": 2e-4, "overrides": ["modelpool.quantization=nf4"], "about": "LoRA r=16 on the NF4 base (double quantisation, bf16 compute)"},
+    "qlora": {"node": LORA, "lr": 2e-4, "overrides": ["modelpool.quantization=nf4"], "about": "LoRA r=16 on the NF4 base (double quantisation; bf16 compute where native, else fp32)"},
     "ia3": {"node": f"_target_:peft.IA3Config,task_type:CAUSAL_LM,target_modules:[k_proj,v_proj,down_proj],feedforward_modules:[down_proj]",
             "lr": 3e-3, "about": "IA3 (learned rescaling of keys, values and the MLP input)"},
     "loha": {"node": f"_target_:peft.LoHaConfig,task_type:CAUSAL_LM,r:8,alpha:16,target_modules:{TARGETS}", "lr": 2e-4, "about": "LoHa r=8"},
