@@ -227,3 +227,12 @@ def test_virtual_tokens_keep_the_loss_and_the_reward_on_the_real_positions(famil
     scores = rewards(rm, batch)
     single = torch.cat([rewards(rm, pad_collate([e], pad_token_id=0)) for e in examples])
     torch.testing.assert_close(scores, single, rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_tuning_ppo_needs_the_shared_value_head(base_model, reward_model_folder, tmp_path):
+    with pytest.raises(TunelabError, match=r"Prefix tuning cannot train the value model \(method.value_model=reward\).*value_model=shared"):
+        train(compose_config([
+            "method=lm_finetune/ppo", "modelpool=CausalLMPool/tiny-llama", f"modelpool.model_path={base_model}", f"data.path={DEMO_DATA}",
+            "data.format=prompt", "data.prompt_field=question", f"method.reward_model_path={reward_model_folder}", "method.value_model=reward",
+            f"+method.peft_config={{{FAMILIES['prefix']}}}", f"output_dir={tmp_path / 'run'}", "progress_bar=false",
+        ]))  # fmt: skip

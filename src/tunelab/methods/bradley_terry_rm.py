@@ -11,7 +11,7 @@ from tunelab.data import PairCollator, build_datasets
 from tunelab.engine.method import DataSplits, LossResult, Method, Models
 from tunelab.errors import TunelabError
 from tunelab.methods.fullfinetune_sft import freeze_token_embedding
-from tunelab.models.adapters import apply_adapter, merge_blocker, strip_virtual_positions
+from tunelab.models.adapters import apply_adapter, check_adapter_options, check_sequence_classification_family, strip_virtual_positions
 from tunelab.models.pool import full_precision_loader
 
 
@@ -90,18 +90,10 @@ class BradleyTerryRewardModeling(Method):
         check_pair_batch_size(self.dataloader_kwargs, "a reward-model", example=2)
         if self.save_ckpt_type == "peft" and not self.peft_config:
             raise TunelabError("method.save_ckpt_type=peft writes adapter folders, but there is no adapter: set method.peft_config, or use hf.")
-        if self.peft_config and str(self.peft_config.get("_target_", "")).endswith("PrefixTuningConfig"):
-            raise TunelabError(
-                "Prefix tuning cannot train a reward model here: peft passes the prefix to a sequence-classification model as "
-                "past_key_values, which transformers 5 models no longer take (they take cache). Use prompt tuning "
-                "(peft.PromptTuningConfig) or a weight adapter (LoRA, IA3, LoHa, LoKr, bottleneck) for the reward model."
-            )
-        blocker = merge_blocker(self.peft_config) if self.peft_config else None
-        if self.merge_and_unload and blocker:
-            raise TunelabError(
-                f"method.merge_and_unload=true, but {blocker}, so it cannot be merged into the base weights. "
-                "Set method.merge_and_unload=false, or train a mergeable family (LoRA, DoRA, IA3, LoHa, LoKr)."
-            )
+        check_sequence_classification_family(
+            self.peft_config, "a reward model", "Use prompt tuning (peft.PromptTuningConfig) or a weight adapter (LoRA, IA3, LoHa, LoKr, bottleneck) for the reward model."
+        )
+        check_adapter_options(self, self.peft_config, self.merge_and_unload)
 
     def build_models(self, pool, tokenizer) -> Models:
         self.full_precision_base = full_precision_loader(pool, tokenizer)  # merging a QLoRA adapter loads it

@@ -27,8 +27,7 @@ from tunelab.engine.method import DataSplits, LossResult, Models
 from tunelab.errors import TunelabError
 from tunelab.methods.bradley_terry_rm import check_pair_batch_size
 from tunelab.methods.fullfinetune_sft import FullFinetuneSFT, _unwrap, final_hidden_states, model_inputs, supports_chunked_loss
-from tunelab.methods.peftfinetune_sft import check_adapter_options, check_reference_under_adapter
-from tunelab.models.adapters import apply_adapter, mutates_base, strip_virtual_positions
+from tunelab.models.adapters import apply_adapter, check_adapter_options, check_reference_under_adapter, mutates_base, strip_virtual_positions
 from tunelab.models.kernels import linear_log_probs
 from tunelab.models.pool import full_precision_loader
 from tunelab.progress import progress_bar

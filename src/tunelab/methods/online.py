@@ -24,8 +24,7 @@ from tunelab.engine.metrics import plot_metric_panels
 from tunelab.errors import TunelabError
 from tunelab.methods.dpo import token_log_probs, under_reference
 from tunelab.methods.fullfinetune_sft import FullFinetuneSFT
-from tunelab.methods.peftfinetune_sft import check_adapter_options, check_reference_under_adapter
-from tunelab.models.adapters import changes_sequence, mutates_base
+from tunelab.models.adapters import changes_sequence, check_adapter_options, check_reference_under_adapter, mutates_base
 from tunelab.models.sampling import sample
 
 log = logging.getLogger(__name__)

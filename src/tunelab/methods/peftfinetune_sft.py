@@ -1,6 +1,5 @@
 """Parameter-efficient supervised fine-tuning with any adapter family (``models.adapters``)."""
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -8,12 +7,9 @@ from typing import Literal
 import torch
 
 from tunelab.engine.method import Models
-from tunelab.errors import TunelabError
 from tunelab.methods.fullfinetune_sft import FullFinetuneSFT, supports_chunked_loss
-from tunelab.models.adapters import apply_adapter, changes_sequence, merge_blocker, mutates_base
+from tunelab.models.adapters import apply_adapter, check_adapter_options
 from tunelab.models.pool import full_precision_loader
-
-log = logging.getLogger(__name__)
 
 
 def _lora_defaults() -> dict:
@@ -22,34 +18,6 @@ def _lora_defaults() -> dict:
         "target_modules": ["q_proj", "v_proj", "gate_proj", "down_proj", "up_proj"],
         "r": 64, "lora_alpha": 16, "lora_dropout": 0.0, "bias": "none",
     }  # fmt: skip
-
-
-def check_adapter_options(method, peft_config, merge_and_unload: bool) -> None:
-    """Before any model loads: a family that cannot merge is refused for merge_and_unload, and a
-    family that adds virtual tokens switches off packing and the chunked loss (logged)."""
-    if not peft_config:
-        return
-    blocker = merge_blocker(peft_config)
-    if merge_and_unload and blocker:
-        raise TunelabError(
-            f"method.merge_and_unload=true, but {blocker}, so it cannot be merged into the base weights. "
-            "Set method.merge_and_unload=false and ship the adapter folder with its base, or train a mergeable family (LoRA, DoRA, IA3, LoHa, LoKr)."
-        )
-    if changes_sequence(peft_config):
-        for name, why in (("packing", "a packed row would share one set of virtual tokens"), ("chunked_loss", "the virtual tokens shift the output positions")):
-            if getattr(method, name, False):
-                log.info("method.%s switched off for %s: %s", name, str(peft_config.get("_target_", "")).rsplit(".", 1)[-1], why)
-                setattr(method, name, False)
-
-
-def check_reference_under_adapter(reference: str, peft_config) -> None:
-    """PiSSA and OLoRA change the base weights, so switching their adapter off does not give the
-    starting model back: the reference must be a copy."""
-    if reference == "adapter_disabled" and peft_config and mutates_base(peft_config):
-        raise TunelabError(
-            f"method.reference=adapter_disabled, but init_lora_weights={peft_config.get('init_lora_weights')} moves part of the base "
-            "weights into the adapter, so the base with the adapter switched off is not the starting model. Use method.reference=auto (a frozen copy)."
-        )
 
 
 @dataclass

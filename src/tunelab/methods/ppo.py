@@ -37,7 +37,7 @@ from tunelab.methods.bradley_terry_rm import rewards as reward_model_scores
 from tunelab.methods.fullfinetune_sft import _unwrap, supports_chunked_loss
 from tunelab.methods.grpo import clipped_token_losses
 from tunelab.methods.online import OnlinePolicyOptimization
-from tunelab.models.adapters import apply_adapter, strip_virtual_positions
+from tunelab.models.adapters import apply_adapter, check_sequence_classification_family, strip_virtual_positions
 from tunelab.models.pool import full_precision_loader
 from tunelab.rewards import RewardModel
 
@@ -249,12 +249,8 @@ class ProximalPolicyOptimization(OnlinePolicyOptimization):
             )
         if self.value_model not in ValueModel.__args__:
             raise TunelabError(f"method.value_model={self.value_model!r} is not one of: {', '.join(ValueModel.__args__)}.")
-        if self.peft_config and str(self.peft_config.get("_target_", "")).endswith("PrefixTuningConfig") and self.value_model != "shared":
-            raise TunelabError(
-                f"method.value_model={self.value_model} gives the value model its own adapter of the policy's family, and prefix tuning "
-                "cannot adapt a sequence-classification model here (peft hands it the prefix as past_key_values, which transformers 5 "
-                "models no longer take). Use method.value_model=shared (a value head on the policy)."
-            )
+        if self.value_model != "shared":  # the value model gets an adapter of the policy's family
+            check_sequence_classification_family(self.peft_config, f"the value model (method.value_model={self.value_model})", "Use method.value_model=shared (a value head on the policy).")
         for name in ("ppo_epochs", "num_mini_batches", "reward_model_batch_size", "kl_horizon"):
             if getattr(self, name) < 1:
                 raise TunelabError(f"method.{name}={getattr(self, name)} must be at least 1.")

@@ -69,6 +69,43 @@ def merge_blocker(node) -> str | None:
     return None
 
 
+def check_adapter_options(method, peft_config, merge_and_unload: bool) -> None:
+    """Before any model loads: a family that cannot merge is refused for merge_and_unload, and a
+    family that adds virtual tokens switches off packing and the chunked loss (logged)."""
+    if not peft_config:
+        return
+    blocker = merge_blocker(peft_config)
+    if merge_and_unload and blocker:
+        raise TunelabError(
+            f"method.merge_and_unload=true, but {blocker}, so it cannot be merged into the base weights. "
+            "Set method.merge_and_unload=false and ship the adapter folder with its base, or train a mergeable family (LoRA, DoRA, IA3, LoHa, LoKr)."
+        )
+    if changes_sequence(peft_config):
+        for name, why in (("packing", "a packed row would share one set of virtual tokens"), ("chunked_loss", "the virtual tokens shift the output positions")):
+            if getattr(method, name, False):
+                log.info("method.%s switched off for %s: %s", name, str(peft_config.get("_target_", "")).rsplit(".", 1)[-1], why)
+                setattr(method, name, False)
+
+
+def check_reference_under_adapter(reference: str, peft_config) -> None:
+    """PiSSA and OLoRA change the base weights, so switching their adapter off does not give the
+    starting model back: the reference must be a copy."""
+    if reference == "adapter_disabled" and peft_config and mutates_base(peft_config):
+        raise TunelabError(
+            f"method.reference=adapter_disabled, but init_lora_weights={peft_config.get('init_lora_weights')} moves part of the base "
+            "weights into the adapter, so the base with the adapter switched off is not the starting model. Use method.reference=auto (a frozen copy)."
+        )
+
+
+def check_sequence_classification_family(node, what: str, instead: str) -> None:
+    """Prefix tuning cannot adapt a sequence-classification model with these versions."""
+    if node and _target(node).endswith("PrefixTuningConfig"):
+        raise TunelabError(
+            f"Prefix tuning cannot train {what} here: peft passes the prefix to a sequence-classification model as "
+            f"past_key_values, which transformers 5 models no longer take (they take cache). {instead}"
+        )
+
+
 def linear_module_names(model: torch.nn.Module) -> list[str]:
     """The distinct last names of the model's linear layers (what ``target_modules`` lists)."""
     names = set()
