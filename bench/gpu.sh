@@ -3,9 +3,10 @@
 # the CUDA tests, then bench/sft.py on the 1B configuration with its peers. Everything lands in
 # $OUT (default outputs/gpu): the test report, the table after each finished run, the run logs.
 #
-#   source .gpu/env.sh is done here; RUNS, STEPS and TEST_TIMEOUT override the defaults:
+#   source .gpu/env.sh is done here; RUNS, STEPS, TEST_TIMEOUT and PROFILE override the defaults:
 #   bash bench/gpu.sh
 #   RUNS=tunelab,hf-bf16 STEPS=10 bash bench/gpu.sh
+#   RUNS=tunelab-nopack,tunelab-reference PROFILE=nopack,reference bash bench/gpu.sh   (then bench/gpu_profile.py)
 set -u
 source .gpu/env.sh || exit 1
 # Extra wheels the GPU image lacks (liger-kernel for the trl-liger peer), when carried in .whl/:
@@ -21,9 +22,19 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | tail -40 > "$OUT/gpu-tests.txt"
 tail -3 "$OUT/gpu-tests.txt"
 rm -rf /tmp/bench && mkdir -p /tmp/bench
-(while sleep 10; do cp /tmp/bench/*.log "$OUT/" 2>/dev/null; done) &
+export TORCH_LOGS=${TORCH_LOGS-recompiles}  # every recompilation, with its reason, in the run's log
+# The run logs and each run's per-step metrics, as one archive (the GPU machine returns at most 8 files).
+save_logs() { (cd /tmp/bench && tar czf "$OUT/logs.tgz.part" $(ls *.log runs/*/metrics.csv 2>/dev/null) && mv "$OUT/logs.tgz.part" "$OUT/logs.tgz") 2>/dev/null; }
+(while sleep 10; do save_logs; done) &
 copier=$!
 python3 bench/sft.py --device cuda --model-config 1b --model "$GPU_TOKENIZER" --data "$GPU_GSM8K" --batch-size 32 \
   --steps "${STEPS:-20}" --runs "$RUNS" --workdir /tmp/bench --output "$OUT/gpu.md" --peak-tflops 790 2>&1 | tee "$OUT/bench-log.txt"
 kill "$copier"
-cp /tmp/bench/*.log /tmp/bench/results.json "$OUT/" 2>/dev/null
+save_logs
+cp /tmp/bench/results.json "$OUT/" 2>/dev/null
+# PROFILE=nopack,reference: bench/gpu_profile.py's variants on the same work folder, after the table.
+if [ -n "${PROFILE:-}" ]; then
+  mkdir -p "$OUT/profile"
+  timeout "${PROFILE_TIMEOUT:-240}" python3 bench/gpu_profile.py --workdir /tmp/bench --variants "$PROFILE" --out "$OUT/profile" 2>&1 \
+    | grep -v "Loading weights" | tee "$OUT/profile/log.txt"
+fi

@@ -367,3 +367,27 @@ def test_chunked_loss_with_whole_chunk_softmax_blocks(monkeypatch):
     (reference * scale).sum().backward()
     torch.testing.assert_close(hidden.grad, ref_h.grad)
     torch.testing.assert_close(weight.grad, ref_w.grad)
+
+
+@pytest.mark.parametrize("cuda, compile, expected", [(True, True, PACKED_ATTENTION), (False, True, "sdpa"), (True, False, "sdpa")])
+def test_padded_rows_keep_attention_out_of_compiled_layers_on_cuda(monkeypatch, cuda, compile, expected):
+    """With packing off, compiled layers on a GPU route attention through the packed attention
+    function, which runs sdpa eagerly (inductor's masked sdpa made the step 11x slower on an H200);
+    on CPU, or uncompiled, the model keeps transformers' sdpa. Padded rows give the same logits."""
+    from tunelab.methods.fullfinetune_sft import FullFinetuneSFT
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    reference, _ = tiny_pair()
+    model = LlamaForCausalLM(LlamaConfig(**TINY, attn_implementation="sdpa"))
+    model.load_state_dict(reference.state_dict())
+    model = FullFinetuneSFT(packing=False, compile=compile, fused_kernels=False).prepare_model(model)
+    assert model.config._attn_implementation == expected
+    if expected == PACKED_ATTENTION:
+        for layer in model.model.layers:  # the check is about the attention function, not compiling on CPU
+            layer._compiled_call_impl = None
+        batch = pad_collate(examples(), pad_token_id=0)
+        real = batch["attention_mask"].bool()
+        with torch.no_grad():
+            ours = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            theirs = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        torch.testing.assert_close(ours[real], theirs[real])

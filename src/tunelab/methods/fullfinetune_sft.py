@@ -148,14 +148,20 @@ class FullFinetuneSFT(Method):
         """The fast paths this method's options ask for, on a freshly loaded model
         (``compile``: override ``self.compile``, e.g. for a frozen model; ``lm_head``: false for a
         model whose output head this method's loss never uses, such as PPO's value model)."""
+        compile_layers = self.compile if compile is None else compile
         if self.packing:
+            use_packed_attention(model)
+        elif compile_layers and torch.cuda.is_available() and getattr(model.config, "_attn_implementation", None) == "sdpa":
+            # Padded rows: the packed attention function hands them to sdpa unchanged, but outside
+            # the compiled layers. Compiled, sdpa with a padding mask made the step 11x slower on
+            # an H200 (1.93 s against 0.17 s, bench/gpu_profile.py); on CPU it stays compiled.
             use_packed_attention(model)
         if self.fused_kernels:
             log.info("Fused RMSNorm/SwiGLU in %d modules", use_fused_norm_and_mlp(model))
             rotary_in_compute_dtype(model)
-        if (self.compile if compile is None else compile) and is_quantized(model):
+        if compile_layers and is_quantized(model):
             log.info("torch.compile skipped: the base is quantised (bitsandbytes' kernels do not compile)")
-        elif self.compile if compile is None else compile:
+        elif compile_layers:
             log.info("torch.compile on %d modules (compiled at the first steps)", compile_decoder_layers(model))
         if lm_head and self.chunked_loss and not supports_chunked_loss(model):
             log.info("This model's output head does not fit the chunked loss; using the plain loss")
