@@ -33,3 +33,27 @@ def test_tuned_allocator_reuses_freed_buffers_without_page_faults():
         pytest.skip("this Linux has no glibc (musl?): the allocator is left alone")
     pages = 8 * 36 * 2**20 // 4096
     assert tuned_faults < 0.05 * pages, tuned_faults
+
+
+RETURN_SCRIPT = """
+import sys, torch
+from tunelab.engine.allocator import QUANTIZED_MMAP_THRESHOLD, tune_cpu_allocator
+tune_cpu_allocator(QUANTIZED_MMAP_THRESHOLD if sys.argv[1] == "quantized" else 32 * 2**20)
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+before = rss()
+kept = []
+for i in range(200):  # dequantised weights of 1.5 MiB freed between small buffers that stay: a fragmenting pattern
+    temporary = torch.ones(3 * 2**17)
+    kept.append(torch.ones(2**10))
+    del temporary
+print(rss() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings apply on Linux only")
+def test_quantised_threshold_hands_temporaries_back_to_the_system():
+    def grown(mode: str) -> float:
+        return float(subprocess.run([sys.executable, "-c", RETURN_SCRIPT, mode], capture_output=True, text=True, check=True).stdout)
+
+    assert grown("quantized") < 20, "1.5 MiB temporaries stayed in the process under the 1 MiB threshold"

@@ -90,3 +90,24 @@ def test_quantisation_without_the_backend_or_with_a_bad_value_says_what_to_do(ba
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails, as where it is not installed
     with pytest.raises(TunelabError, match="bitsandbytes, which is not installed.*pip install"):
         CausalLMPool(model_path=str(base_model), quantization="nf4").load_model()
+
+
+@pytest.mark.parametrize("quantization, threshold", [("nf4", 2**20), ("null", 32 * 2**20)])
+def test_quantised_base_on_cpu_gets_the_small_mmap_threshold(base_model, tmp_path, monkeypatch, quantization, threshold):
+    """The weights a quantised base dequantises in every pass must not fragment the heap: with one,
+    the engine sets glibc's mmap threshold to 1 MiB before loading; without one, to 32 MiB."""
+    import tunelab.engine.trainer as trainer
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def record(mmap_threshold):
+        seen.append(mmap_threshold)
+        raise Stop
+
+    monkeypatch.setattr(trainer, "tune_cpu_allocator", record)
+    with pytest.raises(Stop):
+        train(compose_config(sft(base_model, tmp_path / "alloc", f"modelpool.quantization={quantization}", "method.max_steps=1")))
+    assert seen == [threshold]
