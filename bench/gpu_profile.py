@@ -32,7 +32,10 @@ VARIANTS = {
 
 
 def batches(rows: list[dict], batch_size: int, packing: bool, pad_token_id: int, pad_multiple: int):
+    import torch
+
     from tunelab.data.collate import pack_collate, pad_collate
+    from tunelab.data.constants import IGNORE_INDEX
 
     for start in range(0, len(rows) - batch_size + 1, batch_size):
         chunk = rows[start : start + batch_size]
@@ -42,13 +45,11 @@ def batches(rows: list[dict], batch_size: int, packing: bool, pad_token_id: int,
         longest = max(len(r["input_ids"]) for r in chunk)
         target = -(-longest // pad_multiple) * pad_multiple
         batch = pad_collate(chunk, pad_token_id)
-        if target > longest:  # widen with padding: mask 0, label -100
-            import torch
-
+        if target > longest:  # widen with padding: mask 0, no label
             extra = target - longest
             batch["input_ids"] = torch.nn.functional.pad(batch["input_ids"], (0, extra), value=pad_token_id)
             batch["attention_mask"] = torch.nn.functional.pad(batch["attention_mask"], (0, extra), value=0)
-            batch["labels"] = torch.nn.functional.pad(batch["labels"], (0, extra), value=-100)
+            batch["labels"] = torch.nn.functional.pad(batch["labels"], (0, extra), value=IGNORE_INDEX)
         yield batch
 
 

@@ -25,9 +25,10 @@ _INT_MAX = 2**31 - 1
 # 5.9 GiB peak over its first steps (LoRA: 5.3). Above 1 MiB every block gets its own mapping and
 # goes back to the system when freed: 2.8 GiB, in exchange for page faults in every step.
 QUANTIZED_MMAP_THRESHOLD = 2**20
+DEFAULT_MMAP_THRESHOLD = 32 * 2**20
 
 
-def tune_cpu_allocator(mmap_threshold: int = 32 * 2**20) -> bool:
+def tune_cpu_allocator(mmap_threshold: int = DEFAULT_MMAP_THRESHOLD) -> bool:
     """Apply the settings above to this process's glibc malloc; False where there is no glibc
     (macOS, Windows, musl), which is left as it is."""
     if not sys.platform.startswith("linux"):

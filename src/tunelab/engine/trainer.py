@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from tunelab.config import DataConfig, instantiate, replace_placeholder, validate_config
 from tunelab.data import ResumableSampler
-from tunelab.engine.allocator import QUANTIZED_MMAP_THRESHOLD, tune_cpu_allocator
+from tunelab.engine.allocator import DEFAULT_MMAP_THRESHOLD, QUANTIZED_MMAP_THRESHOLD, tune_cpu_allocator
 from tunelab.engine.checkpoint import TrainState, atomic_write_text, load_checkpoint, resolve_checkpoint, save_checkpoint
 from tunelab.engine.method import LossResult, Method
 from tunelab.engine.metrics import MetricsCSV, plot_loss_curve
@@ -191,8 +191,7 @@ def train(cfg: DictConfig) -> RunResult:
 
     pool = instantiate(cfg.modelpool)
     if fabric.device.type == "cpu" and cfg.get("cpu_allocator", "tuned") == "tuned":
-        quantized = getattr(pool, "quantization", None)
-        tune_cpu_allocator(QUANTIZED_MMAP_THRESHOLD if quantized else 32 * 2**20)
+        tune_cpu_allocator(QUANTIZED_MMAP_THRESHOLD if getattr(pool, "quantization", None) else DEFAULT_MMAP_THRESHOLD)
     if getattr(pool, "quantization", None) and not getattr(method, "peft_config", None):
         raise TunelabError(
             f"modelpool.quantization={pool.quantization} loads the base in low precision, which trains only through an adapter: "
