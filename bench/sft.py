@@ -101,20 +101,6 @@ def heldout_loss(model, rows: list[dict], pad_id: int, device: str, batch_size: 
     return total / count
 
 
-def flops_per_token(config: dict, mean_length: float) -> float:
-    """Training FLOPs per real token of a Llama-shaped model: 6 x the matmul parameters (the
-    output head included, as if every token's logits were formed) plus causal attention over an
-    example of ``mean_length`` tokens. The same count for every trainer, so MFU compares the
-    useful work each gets through per second (work a trainer skips, like padding, or logits of
-    unsupervised tokens, does not count)."""
-    hidden, layers, vocab = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
-    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
-    q, kv = config["num_attention_heads"] * head_dim, config.get("num_key_value_heads", config["num_attention_heads"]) * head_dim
-    per_layer = hidden * (2 * q + 2 * kv) + 3 * hidden * config["intermediate_size"]
-    attention = 6 * layers * q * mean_length  # QK^T and AV: 2 x 2 x q x length per token forward, halved (causal), x3 with backward
-    return 6 * (layers * per_layer + vocab * hidden) + attention
-
-
 def throughput(steps: list[dict], warmup: int = 1) -> dict:
     """tokens/s over the steps after ``warmup``; each step holds seconds, tokens, supervised."""
     timed = steps[warmup:] or steps
@@ -314,6 +300,7 @@ def prepare(args) -> dict:
     """Write the chat-format examples and tunelab's tokenization of them into the work folder."""
     from tunelab.config import DataConfig
     from tunelab.data import build_datasets
+    from tunelab.planning import model_flops_per_token
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -336,7 +323,7 @@ def prepare(args) -> dict:
         "workdir": str(workdir), "tokenizer_dir": str(tokenizer_dir), "model_dir": model_dir, "model_config": args.model_config,
         "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length, "lr": args.lr, "lora_lr": args.lora_lr,
         "device": args.device, "peak_tflops": args.peak_tflops,
-        "flops_per_token": flops_per_token(json.loads(Path(model_dir, "config.json").read_text()), sum(lengths) / len(lengths)),
+        "flops_per_token": model_flops_per_token(json.loads(Path(model_dir, "config.json").read_text()), sum(lengths) / len(lengths)),
     }  # fmt: skip
 
 
@@ -391,7 +378,7 @@ def table(results: dict, spec: dict) -> str:
     lines.append(
         f"Held-out loss before training: {fmt(base, '{:.4f}')}. LoRA rows are compared with the LoRA peers "
         "(speed: best TRL + peft run; memory: trl-lora), full rows with the full-SFT peers (speed: best; memory: trl-default)."
-        + (f" MFU: {per_token / 1e9:.2f} GFLOP per real token (bench/sft.py: flops_per_token) against {peak:.0f} TFLOP/s "
+        + (f" MFU: {per_token / 1e9:.2f} GFLOP per real token (tunelab.planning.model_flops_per_token) against {peak:.0f} TFLOP/s "
            "(a measured bf16 matmul peak; --peak-tflops); LoRA runs do less work per token than it counts." if mfu_head else "")
     )
     return "\n".join(lines)

@@ -24,7 +24,8 @@ class DataConfig:
     messages_field: Optional[str] = None
     """sharegpt / openai: the field holding the turns (default conversations / messages)."""
     text_field: str = "text"
-    """text: the field holding raw text (a .txt file is read as one record per paragraph)."""
+    """text: the field holding raw text (a .txt or .md file is read as one record per blank-line
+    separated paragraph)."""
     system_prompt: Optional[str] = None
     """A system message put before every conversation that has none."""
     max_samples: Optional[int] = None
@@ -44,6 +45,10 @@ class DataConfig:
     """A separate validation file, in the same format (overrides val_fraction)."""
     max_val_samples: Optional[int] = None
     """Cap the validation split at N examples."""
+    cross_document_attention: bool = True
+    """Pretraining (text blocks): a block's tokens attend to the earlier documents in the same
+    block; false keeps attention inside each document, with positions restarting at its start
+    (needs method.packing=true)."""
     num_proc: int = 1
     """Processes for tokenization."""
     cache_dir: Optional[str] = None
@@ -69,6 +74,10 @@ class RunConfig:
     """Write metrics every N optimizer steps."""
     progress_bar: bool = True
     """Show a progress bar on rank 0."""
+    peak_tflops: Optional[float] = None
+    """The device's peak TFLOP/s in the run's precision, for the model FLOPs utilisation
+    (train/mfu) of methods that report one (pretraining), e.g. 989 for an H100's dense bf16;
+    null: this device's measured matmul speed (MFU then reads as a share of what matmuls reach here)."""
     cpu_allocator: Literal["tuned", "system"] = "tuned"
     """On CPU with glibc: tuned keeps freed memory in the process and fixes malloc's mmap
     threshold, so steps stop page-faulting their buffers in (faster, less fragmentation); with a

@@ -1,9 +1,10 @@
+from tunelab.data.blocks import group_blocks, iter_documents, tokenize_documents
 from tunelab.data.collate import (
-    REFERENCE_COLUMNS, CompletionPairCollator, PackCollator, PadCollator, PairCollator, PromptCollator, batch_tokens, pack_collate, pad_collate,
+    REFERENCE_COLUMNS, BlockCollator, CompletionPairCollator, PackCollator, PadCollator, PairCollator, PromptCollator, batch_tokens, pack_collate, pad_collate,
     pair_collate,
 )
 from tunelab.data.constants import IGNORE_INDEX
-from tunelab.data.dataset import DataReport, build_datasets, load_examples
+from tunelab.data.dataset import DataReport, build_datasets, build_text_blocks, load_examples
 from tunelab.data.formats import to_example
 from tunelab.data.readers import Record, read_records
 from tunelab.data.sampler import ResumableSampler
@@ -12,6 +13,7 @@ from tunelab.data.tokenize import render, tokenize_completion, tokenize_conversa
 __all__ = [
     "IGNORE_INDEX",
     "REFERENCE_COLUMNS",
+    "BlockCollator",
     "CompletionPairCollator",
     "DataReport",
     "PackCollator",
@@ -22,6 +24,9 @@ __all__ = [
     "ResumableSampler",
     "batch_tokens",
     "build_datasets",
+    "build_text_blocks",
+    "group_blocks",
+    "iter_documents",
     "load_examples",
     "pack_collate",
     "pad_collate",
@@ -31,6 +36,7 @@ __all__ = [
     "to_example",
     "tokenize_completion",
     "tokenize_conversation",
+    "tokenize_documents",
     "tokenize_pair",
     "tokenize_text",
 ]

@@ -121,3 +121,28 @@ class PromptCollator:
             ids[i, longest - len(row) :] = torch.as_tensor(row)
             mask[i, longest - len(row) :] = 1
         return {"prompt_ids": ids, "prompt_mask": mask, "prompt": [e["prompt"] for e in examples], "columns": [e["columns"] for e in examples]}
+
+
+class BlockCollator:
+    """Pretraining blocks -> a batch where every token but the first of each segment is a target.
+
+    Packed (``packing``): every block's segments are concatenated into one row, positions restart
+    at each segment and ``cu_seq_lens`` keep attention inside it (``pack_collate``); a block with
+    one segment attends across the documents in it. Padded: one row per block, which needs blocks
+    of one segment (attention cannot be cut inside a padded row here).
+    """
+
+    def __init__(self, pad_token_id: int, packing: bool):
+        self.pad_token_id, self.packing = pad_token_id, packing
+
+    def __call__(self, blocks: list[dict]) -> dict[str, torch.Tensor]:
+        if not self.packing:
+            return pad_collate([{"input_ids": b["input_ids"], "labels": b["input_ids"]} for b in blocks], self.pad_token_id)
+        pieces = []
+        for block in blocks:
+            start = 0
+            for length in block["segments"]:
+                ids = block["input_ids"][start : start + length]
+                pieces.append({"input_ids": ids, "labels": ids})
+                start += length
+        return pack_collate(pieces)

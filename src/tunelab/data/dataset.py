@@ -10,6 +10,7 @@ from pathlib import Path
 import datasets
 
 from tunelab.config.schema import DataConfig
+from tunelab.data.blocks import BlockStats, build_blocks
 from tunelab.data.constants import IGNORE_INDEX
 from tunelab.data.formats import to_example
 from tunelab.data.readers import read_records
@@ -173,4 +174,61 @@ def build_datasets(
             "sides are the same. Check data.format and its "
             "field names, raise method.max_length, or use data.overlong=truncate."
         )
+    return train, val, report
+
+
+def _blocks_of(path_option: str, path: str, tokenizer, block_size: int, cfg: DataConfig, limit: int | None, what: str):
+    file = resolve_path(path, path_option)
+    if file.is_dir():
+        raise TunelabError(f"{path_option} '{path}' is a folder; give one text file (.txt, .md, .jsonl, .json, .parquet, .csv).")
+    folder = cache_dir("datasets") if cfg.cache_dir is None else Path(cfg.cache_dir).expanduser()
+    return build_blocks(
+        file, tokenizer, block_size, text_field=cfg.text_field, separate_documents=not cfg.cross_document_attention,
+        limit=limit, cache_folder=folder, tokenizer_signature=_tokenizer_signature(tokenizer), what=what,
+    )  # fmt: skip
+
+
+def _block_report(split: SplitReport, stats: BlockStats, blocks: int, of_blocks: int) -> None:
+    """Counts for ``blocks`` of the file's ``of_blocks`` blocks (a held-out tail takes the rest)."""
+    share = blocks / of_blocks if of_blocks else 0.0
+    split.records, split.examples = stats.documents, blocks
+    split.tokens, split.supervised_tokens = round(stats.tokens * share), round(stats.supervised_tokens * share)
+
+
+def build_text_blocks(cfg: DataConfig, tokenizer, block_size: int) -> tuple[datasets.Dataset, datasets.Dataset | None, DataReport]:
+    """Text files -> training and validation blocks (``data.blocks``) and a report.
+
+    The validation split is ``data.val_path``'s blocks, or with ``data.val_fraction`` the last
+    blocks of the training file: held-out text is a contiguous tail, so no block of it is a
+    neighbour of a training block (a random split would let the model see the text around it).
+    """
+    if not cfg.path:
+        raise TunelabError("No training text: set data.path=FILE (.txt, .md, .jsonl, .json, .parquet or .csv) and data.format=text.")
+    train, stats = _blocks_of("data.path", cfg.path, tokenizer, block_size, cfg, cfg.max_samples, "Tokenizing")
+    report = DataReport()
+    val = None
+    if cfg.val_path:
+        val, val_stats = _blocks_of("data.val_path", cfg.val_path, tokenizer, block_size, cfg, None, "Tokenizing validation text")
+        _block_report(report.val, val_stats, len(val), len(val))
+    elif cfg.val_fraction > 0:
+        if not 0 < cfg.val_fraction < 1:
+            raise TunelabError(f"data.val_fraction={cfg.val_fraction} must be between 0 and 1.")
+        held = max(1, round(len(train) * cfg.val_fraction))
+        if held >= len(train):
+            raise TunelabError(
+                f"data.val_fraction={cfg.val_fraction} of {len(train)} blocks leaves none to train on: "
+                "lower method.block_size or data.val_fraction, or give data.val_path."
+            )
+        train, val = train.select(range(len(train) - held)), train.select(range(len(train) - held, len(train)))
+        _block_report(report.val, stats, held, stats.blocks)
+    _block_report(report.train, stats, len(train), stats.blocks)
+    if val is not None and cfg.max_val_samples is not None:
+        val = val.select(range(min(cfg.max_val_samples, len(val))))
+        report.val.examples = len(val)
+    if len(train) == 0:
+        raise TunelabError(f"The training text is empty: '{cfg.path}' holds no text in data.text_field='{cfg.text_field}'.")
+    log.info(
+        "Data: %d blocks of up to %d tokens (%d tokens) from %d documents%s", len(train), block_size, report.train.tokens, stats.documents,
+        f"; validation: {len(val)} blocks" if val is not None else "",
+    )  # fmt: skip
     return train, val, report

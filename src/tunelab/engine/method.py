@@ -28,6 +28,9 @@ through ``Method`` below:
    ``loss(model, batch)`` -> ``LossResult``.
 7. ``finalize(model, output_dir, tokenizer)``: work after the last checkpoint, on rank 0.
 
+Before the first step the engine also asks for ``estimate`` (memory and time) and
+``flops_per_token`` (for the model FLOPs utilisation it logs); both may be None.
+
 A method that carries state between steps (PPO's adaptive KL coefficient) returns it from
 ``state_dict()``; checkpoints keep it and a resume hands it back through ``load_state_dict``.
 
@@ -130,6 +133,11 @@ class Method(TrainingOptions, ABC):
     def finalize(self, model: torch.nn.Module, output_dir, tokenizer) -> dict:
         """Returns named output paths (e.g. ``{"merged": path}``); none by default."""
         return {}
+
+    def flops_per_token(self, model: torch.nn.Module, train_set) -> float | None:
+        """Model FLOPs per training token (``planning.model_flops_per_token``), from which the
+        engine logs ``train/mfu``; None (the default): no MFU is reported."""
+        return None
 
     def estimate(self, model: torch.nn.Module, train_set, device, precision: str, steps: int):
         """A ``planning.RunEstimate`` of memory and time before the first step, or None."""

@@ -26,7 +26,7 @@ from tunelab.engine.method import LossResult, Method
 from tunelab.engine.metrics import MetricsCSV, plot_loss_curve
 from tunelab.errors import TunelabError
 from tunelab.evaluation import TaskPool
-from tunelab.planning import measured_peak_gib
+from tunelab.planning import measure_matmul_tflops, measured_peak_gib
 from tunelab.progress import progress_bar, show_progress
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,8 @@ class Run:
     metrics: MetricsCSV | None
     log_every_n_steps: int
     show_progress: bool
+    flops_per_token: float | None = None  # for train/mfu (Method.flops_per_token)
+    peak_tflops: float = 0.0  # what MFU divides by: run option peak_tflops, or this device's measured matmul speed
 
 
 def _prepare_output_dir(cfg: DictConfig, resuming_from: Path | None) -> Path:
@@ -255,6 +257,12 @@ def train(cfg: DictConfig) -> RunResult:
     estimate = method.estimate(model, train_set, fabric.device, precision, method.total_steps(batches_per_epoch))
     if estimate is not None and fabric.is_global_zero:
         log.info(estimate.describe(fabric.device.type))
+    flops_per_token = method.flops_per_token(model, train_set)
+    peak_tflops = cfg.get("peak_tflops")
+    if flops_per_token and not peak_tflops:
+        peak_tflops = estimate.matmul_tflops if estimate is not None else measure_matmul_tflops(
+            fabric.device, torch.bfloat16 if str(precision).startswith("bf16") else torch.float32
+        )
     state = TrainState()
     if resuming_from is not None:
         state = load_checkpoint(fabric, str(resuming_from), model=model, optimizer=optimizer, scheduler=scheduler, method=method)
@@ -270,7 +278,7 @@ def train(cfg: DictConfig) -> RunResult:
     metrics = MetricsCSV(out / "metrics.csv", resume_step=state.global_step if resuming_from else None) if fabric.is_global_zero else None
     run = Run(
         fabric, method, model, frozen, optimizer, scheduler, loader, sampler, val_loader, taskpool, tokenizer,
-        out, config_yaml, metrics, cfg.log_every_n_steps, cfg.progress_bar and fabric.is_global_zero,
+        out, config_yaml, metrics, cfg.log_every_n_steps, cfg.progress_bar and fabric.is_global_zero, flops_per_token, peak_tflops or 0.0,
     )  # fmt: skip
     result = fit(run, state, batches_per_epoch)
     if estimate is not None:
@@ -456,6 +464,8 @@ def fit(run: Run, state: TrainState, batches_per_epoch: int) -> RunResult:
                         "train/tokens": tokens, "train/supervised_tokens": n_units,
                         "train/step_seconds": interval_seconds / (state.global_step - last_read_step), "train/epoch": state.epoch,
                     }  # fmt: skip
+                    if run.flops_per_token and run.peak_tflops:  # per device: each rank's tokens against its own peak
+                        values["train/mfu"] = interval_tokens / fabric.world_size / interval_seconds * run.flops_per_token / (run.peak_tflops * 1e12)
                     fabric.log_dict(values, step=state.global_step)
                     if run.metrics is not None:
                         run.metrics.log(values, state.global_step)

@@ -4,9 +4,11 @@ from tunelab.methods.fullfinetune_sft import FullFinetuneSFT, causal_lm_loss
 from tunelab.methods.grpo import GroupRelativePolicyOptimization
 from tunelab.methods.peftfinetune_sft import PeftFinetuneSFT
 from tunelab.methods.ppo import ProximalPolicyOptimization
+from tunelab.methods.pretrain import CausalLMPretrain
 
 __all__ = [
     "BradleyTerryRewardModeling",
+    "CausalLMPretrain",
     "DirectPreferenceOptimization",
     "FullFinetuneSFT",
     "GroupRelativePolicyOptimization",

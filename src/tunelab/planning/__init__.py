@@ -1,5 +1,5 @@
 """Estimates made before a run: memory and time."""
 
-from tunelab.planning.estimate import RunEstimate, estimate_run, measured_peak_gib
+from tunelab.planning.estimate import RunEstimate, estimate_run, measure_matmul_tflops, measured_peak_gib, model_flops_per_token
 
-__all__ = ["RunEstimate", "estimate_run", "measured_peak_gib"]
+__all__ = ["RunEstimate", "estimate_run", "measure_matmul_tflops", "measured_peak_gib", "model_flops_per_token"]

@@ -148,6 +148,23 @@ def estimate_run(model, *, precision: str, lengths: list[int], supervised: list[
     )  # fmt: skip
 
 
+def model_flops_per_token(config, context: float) -> float:
+    """Training FLOPs per token of a Llama-shaped model as model FLOPs utilisation (MFU) counts
+    them: 6 x the matmul parameters, the output head included (as if every token's logits were
+    formed), plus causal attention over ``context`` tokens (the mean example or block). Work a
+    trainer skips (padding, logits of unsupervised tokens) or adds (recomputation) does not
+    count, so MFU compares the useful work trainers get through. ``config``: a transformers
+    config or its dict."""
+    get = config.get if isinstance(config, dict) else lambda name, default=None: getattr(config, name, default)
+    hidden, layers, vocab = get("hidden_size"), get("num_hidden_layers"), get("vocab_size")
+    heads = get("num_attention_heads")
+    head_dim = get("head_dim") or hidden // heads
+    q, kv = heads * head_dim, (get("num_key_value_heads") or heads) * head_dim
+    per_layer = hidden * (2 * q + 2 * kv) + 3 * hidden * get("intermediate_size", 4 * hidden)
+    attention = 6 * layers * q * context  # QK^T and AV: 2 x 2 x q x context per token forward, halved (causal), x3 with backward
+    return 6 * (layers * per_layer + vocab * hidden) + attention
+
+
 def measured_peak_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / GiB
