@@ -7,6 +7,8 @@
 #   bash bench/gpu.sh
 #   RUNS=tunelab,hf-bf16 STEPS=10 bash bench/gpu.sh
 #   RUNS=tunelab-nopack,tunelab-reference PROFILE=nopack,reference bash bench/gpu.sh   (then bench/gpu_profile.py)
+#   RUNS=- PRETRAIN=1 bash bench/gpu.sh      (no SFT table; bench/pretrain.py on a 350M Llama, with the Trainer,
+#                                            on .gpu/tinyshakespeare.txt: copy ../shared/data/tinyshakespeare/input.txt there)
 set -u
 source .gpu/env.sh || exit 1
 # Extra wheels the GPU image lacks (liger-kernel for the trl-liger peer), when carried in .whl/:
@@ -27,8 +29,15 @@ export TORCH_LOGS=${TORCH_LOGS-recompiles}  # every recompilation, with its reas
 save_logs() { (cd /tmp/bench && tar czf "$OUT/logs.tgz.part" $(ls *.log runs/*/metrics.csv 2>/dev/null) && mv "$OUT/logs.tgz.part" "$OUT/logs.tgz") 2>/dev/null; }
 (while sleep 10; do save_logs; done) &
 copier=$!
-python3 bench/sft.py --device cuda --model-config 1b --model "$GPU_TOKENIZER" --data "$GPU_GSM8K" --batch-size 32 \
-  --steps "${STEPS:-20}" --runs "$RUNS" --workdir /tmp/bench --output "$OUT/gpu.md" --peak-tflops 790 2>&1 | tee "$OUT/bench-log.txt"
+if [ "$RUNS" != "-" ]; then
+  python3 bench/sft.py --device cuda --model-config 1b --model "$GPU_TOKENIZER" --data "$GPU_GSM8K" --batch-size 32 \
+    --steps "${STEPS:-20}" --runs "$RUNS" --workdir /tmp/bench --output "$OUT/gpu.md" --peak-tflops 790 2>&1 | tee "$OUT/bench-log.txt"
+fi
+if [ -n "${PRETRAIN:-}" ]; then
+  python3 bench/pretrain.py --device cuda --model-config 350m --tokenizer "$GPU_TOKENIZER" --text .gpu/tinyshakespeare.txt \
+    --batch-size 16 --block-size 1024 --steps "${STEPS:-20}" --workdir /tmp/bench/pretrain --peak-tflops 790 --output "$OUT/pretrain.md" 2>&1 \
+    | tee "$OUT/pretrain-log.txt"
+fi
 kill "$copier"
 save_logs
 cp /tmp/bench/results.json "$OUT/" 2>/dev/null

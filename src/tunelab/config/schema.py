@@ -49,6 +49,20 @@ class DataConfig:
     """Pretraining (text blocks): a block's tokens attend to the earlier documents in the same
     block; false keeps attention inside each document, with positions restarting at its start
     (needs method.packing=true)."""
+    sources: Optional[list] = None
+    """A mixture (data=mixture): a list of sources, each a mapping with its own path, format
+    and field options, plus weight (default 1), role (task or replay) and name; the other data
+    options apply to every source unless the source sets them. data.path must then be null."""
+    mixing: Literal["proportional", "equal", "temperature"] = "proportional"
+    """How sources share an epoch: proportional (weight x size), equal (weight), or temperature
+    ((weight x size) ** (1 / data.temperature))."""
+    temperature: float = 2.0
+    """data.mixing=temperature: 1 is proportional, larger values approach equal."""
+    epoch_size: Optional[int] = None
+    """Examples drawn per epoch from the mixture (null: every source's examples once)."""
+    replay_ratio: Optional[float] = None
+    """Share of every epoch drawn from the sources with role: replay (general data mixed in
+    against forgetting); the task sources share the rest."""
     num_proc: int = 1
     """Processes for tokenization."""
     cache_dir: Optional[str] = None

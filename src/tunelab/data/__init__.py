@@ -4,7 +4,7 @@ from tunelab.data.collate import (
     pair_collate,
 )
 from tunelab.data.constants import IGNORE_INDEX
-from tunelab.data.dataset import DataReport, build_datasets, build_text_blocks, load_examples
+from tunelab.data.dataset import DataReport, build_datasets, build_mixed, build_text_blocks, load_examples
 from tunelab.data.formats import to_example
 from tunelab.data.readers import Record, read_records
 from tunelab.data.sampler import ResumableSampler
@@ -24,6 +24,7 @@ __all__ = [
     "ResumableSampler",
     "batch_tokens",
     "build_datasets",
+    "build_mixed",
     "build_text_blocks",
     "group_blocks",
     "iter_documents",

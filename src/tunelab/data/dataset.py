@@ -13,6 +13,7 @@ from tunelab.config.schema import DataConfig
 from tunelab.data.blocks import BlockStats, build_blocks
 from tunelab.data.constants import IGNORE_INDEX
 from tunelab.data.formats import to_example
+from tunelab.data.mixture import MixtureReport, build_mixture
 from tunelab.data.readers import read_records
 from tunelab.data.tokenize import tokenize_batch, tokenize_completion_pairs_batch, tokenize_pairs_batch, tokenize_prompts_batch
 from tunelab.errors import TunelabError
@@ -38,6 +39,10 @@ class SplitReport:
 class DataReport:
     train: SplitReport = field(default_factory=SplitReport)
     val: SplitReport = field(default_factory=SplitReport)
+    mixture: MixtureReport | None = None
+    """data.sources: the mix per source (the engine's sampler draws epochs from it)."""
+    sources: dict = field(default_factory=dict)
+    """data.sources: each source's own report, by name."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -158,6 +163,8 @@ def build_datasets(
     ``max_prompt_length`` tokens. Prompts (data.format=prompt) are tokenized up to the opened
     assistant turn, at most ``max_length`` tokens.
     """
+    if cfg.sources:
+        return build_mixed(cfg, lambda source: build_datasets(source, tokenizer, max_length, max_prompt_length))
     examples, val_examples = load_examples(cfg)
     report = DataReport()
     train = _tokenize(examples, tokenizer, max_length, cfg, report.train, max_prompt_length)
@@ -231,4 +238,25 @@ def build_text_blocks(cfg: DataConfig, tokenizer, block_size: int) -> tuple[data
         "Data: %d blocks of up to %d tokens (%d tokens) from %d documents%s", len(train), block_size, report.train.tokens, stats.documents,
         f"; validation: {len(val)} blocks" if val is not None else "",
     )  # fmt: skip
+    return train, val, report
+
+
+def _sum_splits(splits: list[SplitReport]) -> SplitReport:
+    total = SplitReport()
+    for split in splits:
+        for name in total.__dataclass_fields__:
+            setattr(total, name, getattr(total, name) + getattr(split, name))
+    return total
+
+
+def build_mixed(cfg: DataConfig, build_one) -> tuple[datasets.Dataset, datasets.Dataset | None, DataReport]:
+    """``data.sources`` (``data.mixture``): every source built by ``build_one`` as a single file
+    would be, concatenated, with the mix in ``report.mixture``."""
+    train, val, reports, mixture = build_mixture(cfg, build_one)
+    report = DataReport(
+        train=_sum_splits([r.train for r in reports]), val=_sum_splits([r.val for r in reports]), mixture=mixture,
+        sources={name: {"train": asdict(r.train), "val": asdict(r.val)} for name, r in zip(mixture.names, reports)},
+    )  # fmt: skip
+    for name, share, count, tokens, size in zip(mixture.names, mixture.shares, mixture.counts, mixture.tokens, mixture.sizes):
+        log.info("Mixture: %s: %.1f%% of each epoch, %d of its %d examples (%d tokens)", name, 100 * share, count, size, tokens)
     return train, val, report

@@ -11,10 +11,14 @@ from torch.utils.data import Sampler
 class ResumableSampler(Sampler[int]):
     """``lengths`` (optional): group examples of similar length into the same batch, to cut
     padding. The shuffled order is cut into groups of ``group_size`` examples, each sorted by
-    length, so batches stay random across groups but hold examples of similar length."""
+    length, so batches stay random across groups but hold examples of similar length.
+    ``mixture`` (a ``data.mixture.MixtureReport``): each epoch is the mixture's draw for that
+    epoch (``length`` is ignored: an epoch holds the mixture's epoch size)."""
 
     def __init__(self, length: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1,
-                 lengths: list[int] | None = None, group_size: int = 0):  # fmt: skip
+                 lengths: list[int] | None = None, group_size: int = 0, mixture=None):  # fmt: skip
+        self.mixture = mixture
+        length = sum(mixture.counts) if mixture is not None else length
         self.length, self.shuffle, self.seed = length, shuffle, seed
         self.rank, self.world_size = rank, world_size
         self.lengths, self.group_size = lengths, group_size
@@ -27,7 +31,9 @@ class ResumableSampler(Sampler[int]):
         self.epoch, self.start = epoch, start
 
     def _order(self) -> list[int]:
-        if not self.shuffle:
+        if self.mixture is not None:
+            order = self.mixture.epoch_indices(self.seed, self.epoch, self.shuffle)
+        elif not self.shuffle:
             order = list(range(self.length))
         else:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)

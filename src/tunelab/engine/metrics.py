@@ -36,6 +36,14 @@ class MetricsCSV:
 def plot_loss_curve(csv_path: Path, png_path: Path) -> Path | None:
     """Training loss per step and, where logged, held-out loss; returns the PNG's path."""
     series = [("train/loss", "training loss"), ("val/loss", "held-out loss")]
+    header = []
+    if csv_path.exists():
+        with csv_path.open() as f:
+            header = next(csv.reader(f), [])
+    if "train/task_loss" in header:  # EWC: the task's own loss beside loss + penalty
+        series.insert(1, ("train/task_loss", "training loss without the EWC penalty"))
+    # A mixture's sources, each on its own (data.sources: val/loss/<source>): what a run forgets shows here.
+    series += [(column, f"held-out: {column[len('val/loss/'):]}") for column in header if column.startswith("val/loss/")]
     return plot_metric_panels(csv_path, png_path, [("loss (nats per supervised token)", series)])
 
 

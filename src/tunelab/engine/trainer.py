@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from tunelab.config import DataConfig, instantiate, replace_placeholder, validate_config
 from tunelab.data import ResumableSampler
+from tunelab.data.mixture import realised_mix
 from tunelab.engine.allocator import DEFAULT_MMAP_THRESHOLD, QUANTIZED_MMAP_THRESHOLD, tune_cpu_allocator
 from tunelab.engine.checkpoint import TrainState, atomic_write_text, load_checkpoint, resolve_checkpoint, save_checkpoint
 from tunelab.engine.method import LossResult, Method
@@ -72,6 +73,7 @@ class Run:
     show_progress: bool
     flops_per_token: float | None = None  # for train/mfu (Method.flops_per_token)
     peak_tflops: float = 0.0  # what MFU divides by: run option peak_tflops, or this device's measured matmul speed
+    source_val_loaders: dict = field(default_factory=dict)  # data.sources: each source's validation split, by name
 
 
 def _prepare_output_dir(cfg: DictConfig, resuming_from: Path | None) -> Path:
@@ -238,12 +240,20 @@ def train(cfg: DictConfig) -> RunResult:
         if "input_ids" not in train_set.column_names:
             raise TunelabError("data.group_by_length=true needs token-level examples (input_ids); this method's data has none.")
         grouping = {"lengths": [len(ids) for ids in train_set["input_ids"]], "group_size": 64 * method.examples_per_batch(batch_size) * fabric.world_size}
-    sampler = ResumableSampler(len(train_set), data_cfg.shuffle, data_cfg.seed, fabric.global_rank, fabric.world_size, **grouping)
+    mixture = report.mixture  # data.sources: every epoch is the mixture's draw for it
+    sampler = ResumableSampler(len(train_set), data_cfg.shuffle, data_cfg.seed, fabric.global_rank, fabric.world_size, mixture=mixture, **grouping)
     loader = _loader(train_set, method, tokenizer, sampler)
-    val_loader = None
-    if val_set is not None:
-        val_sampler = ResumableSampler(len(val_set), False, 0, fabric.global_rank, fabric.world_size)
-        val_loader = _loader(val_set, method, tokenizer, val_sampler, taskpool.batch_size)
+
+    def validation_loader(dataset):
+        val_sampler = ResumableSampler(len(dataset), False, 0, fabric.global_rank, fabric.world_size)
+        return fabric.setup_dataloaders(_loader(dataset, method, tokenizer, val_sampler, taskpool.batch_size), use_distributed_sampler=False)
+
+    val_loader = validation_loader(val_set) if val_set is not None else None
+    # A mixture's validation split is also evaluated source by source (val/loss/<source>, ...).
+    source_val_loaders = {
+        name: validation_loader(val_set.select(range(offset, offset + size)))
+        for name, offset, size in zip(mixture.names, mixture.val_offsets, mixture.val_sizes) if size
+    } if mixture is not None and val_set is not None else {}  # fmt: skip
     batches_per_epoch = len(loader)
 
     scheduler = None
@@ -251,8 +261,6 @@ def train(cfg: DictConfig) -> RunResult:
         scheduler_cfg = replace_placeholder(method.lr_scheduler, "_T_max_", method.scheduler_steps(batches_per_epoch))
         scheduler = instantiate(scheduler_cfg, optimizer=optimizer)
     loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False, move_to_device=True)
-    if val_loader is not None:
-        val_loader = fabric.setup_dataloaders(val_loader, use_distributed_sampler=False)
 
     estimate = method.estimate(model, train_set, fabric.device, precision, method.total_steps(batches_per_epoch))
     if estimate is not None and fabric.is_global_zero:
@@ -279,8 +287,13 @@ def train(cfg: DictConfig) -> RunResult:
     run = Run(
         fabric, method, model, frozen, optimizer, scheduler, loader, sampler, val_loader, taskpool, tokenizer,
         out, config_yaml, metrics, cfg.log_every_n_steps, cfg.progress_bar and fabric.is_global_zero, flops_per_token, peak_tflops or 0.0,
+        source_val_loaders,
     )  # fmt: skip
     result = fit(run, state, batches_per_epoch)
+    if mixture is not None:
+        lengths = [len(ids) for ids in train_set["input_ids"]] if "input_ids" in train_set.column_names else None
+        consumed = state.batches_in_epoch * method.examples_per_batch(batch_size) * fabric.world_size
+        mixture.realised = realised_mix(mixture, lengths, data_cfg.seed, data_cfg.shuffle, state.epoch, consumed)
     if estimate is not None:
         result.estimate = _check_estimate(estimate, result, fabric.device)
     result.data_report = report.as_dict()
@@ -296,9 +309,27 @@ def train(cfg: DictConfig) -> RunResult:
             "data": result.data_report, "evaluations": {str(k): v for k, v in result.evaluations.items()},
             "trainable_parameters": trainable, "total_parameters": total,
             "outputs": {k: str(v) for k, v in result.outputs.items()}, "estimate": result.estimate,
+            "heldout_by_source": heldout_by_source(result.evaluations, mixture),
         }  # fmt: skip
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return result
+
+
+def heldout_by_source(evaluations: dict[int, dict], mixture) -> dict:
+    """The forgetting report of a mixture: each source's held-out loss at the first and the last
+    evaluation (with taskpool.at_start, before training), by name, with its role; a general
+    source (role eval or replay) whose loss rose shows what the run forgot."""
+    if mixture is None or not evaluations:
+        return {}
+    first, last = min(evaluations), max(evaluations)
+    report = {}
+    for name, role in zip(mixture.names, mixture.roles):
+        key = f"val/loss/{name}"
+        if key in evaluations[first] and key in evaluations[last]:
+            before, after = evaluations[first][key], evaluations[last][key]
+            report[name] = {"role": role, "step_before": first, "loss_before": before, "step_after": last, "loss_after": after, "change": after - before}
+            log.info("Held-out loss of %s (%s): %.4f at step %d -> %.4f at step %d (%+.4f)", name, role, before, first, after, last, after - before)
+    return report
 
 
 def _check_estimate(estimate, result: "RunResult", device) -> dict:
@@ -364,6 +395,8 @@ def fit(run: Run, state: TrainState, batches_per_epoch: int) -> RunResult:
 
     def evaluate() -> None:
         scores = run.taskpool.evaluate(fabric, model, method, run.val_loader)
+        for name, loader in run.source_val_loaders.items():
+            scores |= {f"{key}/{name}": value for key, value in run.taskpool.evaluate(fabric, model, method, loader).items()}
         if scores:
             result.evaluations[state.global_step] = scores
             fabric.log_dict(scores, step=state.global_step)

@@ -2,13 +2,18 @@
 
 import inspect
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from tunelab.data import IGNORE_INDEX, PackCollator, PadCollator, build_datasets
 from tunelab.engine.method import DataSplits, LossResult, Method, Models
+from tunelab.errors import TunelabError
+from tunelab.methods.ewc import ElasticWeightConsolidation, diagonal_fisher, ewc_options
 from tunelab.models.adapters import strip_virtual_positions
 from tunelab.models.pool import is_quantized
 from tunelab.models.kernels import (
@@ -135,8 +140,44 @@ class FullFinetuneSFT(Method):
     ten seconds of compiling in the first two steps. Without a GPU it needs a C++ compiler (g++ or
     $CXX); where none is found the run trains uncompiled and says so. false: eager."""
 
+    ewc: Optional[dict] = None
+    """Elastic weight consolidation against forgetting (``methods/ewc.py``): ``{lambda: 100,
+    fisher_data: general.jsonl, fisher_format: alpaca, fisher_batches: 64}``; the penalty is
+    logged as train/ewc_penalty beside train/task_loss. null: off."""
+
+    _ewc = None  # the EWC penalty, set up by prepare_data (a plain attribute, not a config option)
+    _fisher_set = None
+
+    def check(self) -> None:
+        super().check()
+        if ewc_options(self.ewc) is not None and type(self).loss is not FullFinetuneSFT.loss:
+            raise TunelabError(f"method.ewc works with SFT and pretraining; {type(self).__name__} does not take it yet: set method.ewc=null.")
+
+    def build_split(self, data_cfg, tokenizer):
+        """One data file (or mixture) -> (train, val, report), as this method trains on it."""
+        return build_datasets(data_cfg, tokenizer, self.max_length)
+
     def build_data(self, data_cfg, tokenizer) -> DataSplits:
-        return DataSplits(*build_datasets(data_cfg, tokenizer, self.max_length))
+        splits = DataSplits(*self.build_split(data_cfg, tokenizer))
+        options = ewc_options(self.ewc)
+        if options is not None:  # the reference set, tokenized as the training data is
+            fisher_cfg = replace(data_cfg, path=options.fisher_data, format=options.fisher_format or data_cfg.format, sources=None,
+                                 val_path=None, val_fraction=0.0, max_samples=options.fisher_batches)  # fmt: skip
+            self._fisher_set = self.build_split(fisher_cfg, tokenizer)[0]
+        return splits
+
+    def prepare_data(self, splits: DataSplits, model: torch.nn.Module, frozen: dict, batches) -> tuple[DataSplits, dict]:
+        """With method.ewc: the Fisher information of the reference set at the starting weights
+        (before a resumed run loads its checkpoint, so a resume computes the same one)."""
+        options = ewc_options(self.ewc)
+        if options is not None:
+            examples = self._fisher_set
+            fisher = diagonal_fisher(model, (next(iter(batches(examples.select([i])))) for i in range(len(examples))), self.loss)
+            self._ewc = ElasticWeightConsolidation(model, fisher, options.strength)
+            log.info("EWC: Fisher information of %d parameters from %d examples of %s", sum(f.numel() for f in fisher.values()), len(examples), options.fisher_data)
+            if self.run_dir is not None and int(os.environ.get("RANK", "0")) == 0:
+                self._ewc.save(Path(self.run_dir) / "ewc_fisher.safetensors")
+        return splits, frozen
 
     def build_models(self, pool, tokenizer) -> Models:
         return Models(self.prepare_model(pool.load_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)))
@@ -169,9 +210,15 @@ class FullFinetuneSFT(Method):
         return freeze_token_embedding(model) if self.fix_token_embedding else model
 
     def loss(self, model: torch.nn.Module, batch: dict) -> LossResult:
-        if self.chunked_loss:
-            return chunked_causal_lm_loss(model, batch, self.loss_chunk_size)
-        return causal_lm_loss(model, batch)
+        result = chunked_causal_lm_loss(model, batch, self.loss_chunk_size) if self.chunked_loss else causal_lm_loss(model, batch)
+        consolidation = self._ewc
+        if consolidation is None or not model.training:  # held-out losses stay the task's own
+            return result
+        # The penalty belongs to the step, not to a token: weighted by this micro-batch's units, it
+        # adds exactly the penalty once the engine divides the step's sum by all its units.
+        weighted = consolidation.penalty(model) * result.units
+        metrics = {**result.metrics, "task_loss": result.loss.detach(), "ewc_penalty": weighted.detach()}
+        return LossResult(result.loss + weighted, result.units, metrics)
 
     def loss_units(self, batch: dict) -> torch.Tensor:
         """What ``loss`` sums over (supervised tokens), counted before the forward pass so the

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tunelab.data import BlockCollator, build_text_blocks
+from tunelab.data import BlockCollator, build_mixed, build_text_blocks
 from tunelab.engine.method import DataSplits, Models
 from tunelab.errors import TunelabError
 from tunelab.methods.fullfinetune_sft import FullFinetuneSFT, _unwrap
@@ -30,9 +30,12 @@ class CausalLMPretrain(FullFinetuneSFT):
             raise TunelabError(f"method.block_size={self.block_size}: a block needs at least 2 tokens (one to read, one to predict).")
 
     def build_data(self, data_cfg, tokenizer) -> DataSplits:
-        if data_cfg.format != "text":
+        sources = [s for s in data_cfg.sources or [] if isinstance(s, dict)]
+        formats = {s.get("format", data_cfg.format) for s in sources} if data_cfg.sources else {data_cfg.format}
+        if formats != {"text"}:
+            which = "data.sources[].format" if data_cfg.sources else "data.format"
             raise TunelabError(
-                f"method=lm_finetune/pretrain trains on raw text, and data.format={data_cfg.format}: set data.format=text "
+                f"method=lm_finetune/pretrain trains on raw text, and {which}={', '.join(sorted(formats - {'text'}))}: set {which}=text "
                 "(data.text_field names the field of JSON lines, Parquet or CSV records; .txt files are read by paragraph). "
                 "Conversations and instructions train with method=lm_finetune/fullfinetune_sft."
             )
@@ -41,7 +44,12 @@ class CausalLMPretrain(FullFinetuneSFT):
                 "data.cross_document_attention=false keeps each document's attention to itself inside a block, which "
                 "needs packed rows: set method.packing=true (the default), or data.cross_document_attention=true."
             )
-        return DataSplits(*build_text_blocks(data_cfg, tokenizer, self.block_size))
+        return super().build_data(data_cfg, tokenizer)
+
+    def build_split(self, data_cfg, tokenizer):
+        if data_cfg.sources:
+            return build_mixed(data_cfg, lambda source: build_text_blocks(source, tokenizer, self.block_size))
+        return build_text_blocks(data_cfg, tokenizer, self.block_size)
 
     def build_models(self, pool, tokenizer) -> Models:
         model = pool.load_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
