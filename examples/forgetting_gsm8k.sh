@@ -14,9 +14,9 @@ DATA=${DATA:-../shared/data}
 TASK=${TASK:-160}            # GSM8K problems trained on (lines 1..TASK); the last 50 of the file are held out
 STEPS=${STEPS:-20}
 BATCH=${BATCH:-8}
-LR=${LR:-5e-5}
+LR=${LR:-2e-4}
 REPLAY_RATIO=${REPLAY_RATIO:-0.25}
-EWC_LAMBDA=${EWC_LAMBDA:-5e6}
+EWC_LAMBDA=${EWC_LAMBDA:-3000}
 RUNS=${RUNS:-plain replay ewc}
 mkdir -p "$OUT/data"
 head -n "$TASK" "$DATA/gsm8k/train.jsonl" > "$OUT/data/gsm8k_train.jsonl"

@@ -257,6 +257,11 @@ def build_mixed(cfg: DataConfig, build_one) -> tuple[datasets.Dataset, datasets.
         train=_sum_splits([r.train for r in reports]), val=_sum_splits([r.val for r in reports]), mixture=mixture,
         sources={name: {"train": asdict(r.train), "val": asdict(r.val)} for name, r in zip(mixture.names, reports)},
     )  # fmt: skip
-    for name, share, count, tokens, size in zip(mixture.names, mixture.shares, mixture.counts, mixture.tokens, mixture.sizes):
-        log.info("Mixture: %s: %.1f%% of each epoch, %d of its %d examples (%d tokens)", name, 100 * share, count, size, tokens)
+    for i, name in enumerate(mixture.names):
+        if mixture.roles[i] == "eval":
+            held = mixture.val_sizes[i] if mixture.val_sizes else 0
+            log.info("Mixture: %s: evaluation only (%d held-out examples, never trained on)", name, held)
+        else:
+            log.info("Mixture: %s (%s): %.1f%% of each epoch, %d draws from its %d examples (%d tokens)", name, mixture.roles[i],
+                     100 * mixture.shares[i], mixture.counts[i], mixture.sizes[i], mixture.tokens[i])  # fmt: skip
     return train, val, report
