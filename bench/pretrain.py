@@ -24,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # bench/ is not a package: share bench/sft.py's helpers by plain import
 
-from sft import launch, peak_memory_gib, run_names  # noqa: E402
+from sft import launch, peak_memory_gib, ratio, run_names, unfinished_row  # noqa: E402
 
 DEFAULT_TEXT = HERE.parent / ".." / "shared" / "data" / "tinyshakespeare" / "input.txt"
 MODEL_CONFIGS = {
@@ -200,11 +200,11 @@ def table(results: dict, spec: dict) -> str:
     for name, value in results.items():
         if name == "base":
             continue
-        if "error" in value or "skipped" in value:
-            lines.append(f"| {name} | - | - | - | - | - | - | - | {RUNS[name]['about']}: **{value.get('skipped') or 'failed: ' + value['error']}** |")
+        unfinished = unfinished_row(name, value, 8, RUNS[name]["about"])
+        if unfinished:
+            lines.append(unfinished)
             continue
-        speed = f"{value['tokens_per_s'] / hf['tokens_per_s']:.2f}x" if "tokens_per_s" in hf else "-"
-        mem = f"{value['peak_memory_gib'] / hf['peak_memory_gib']:.2f}x" if "peak_memory_gib" in hf else "-"
+        speed, mem = ratio(value, hf, "tokens_per_s"), ratio(value, hf, "peak_memory_gib")
         mfu = f"{value['tokens_per_s'] * spec['flops_per_token'] / (peak * 1e12):.1%}" if peak else "-"
         lines.append(
             f"| {name} | {value['tokens_per_s']:.0f} | {speed} | {value['step_seconds']:.2f} | {value['peak_memory_gib']:.2f} | {mem} | {mfu} | "

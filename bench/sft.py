@@ -384,6 +384,18 @@ def table(results: dict, spec: dict) -> str:
     return "\n".join(lines)
 
 
+def ratio(value: dict, reference: dict, key: str) -> str:
+    """``value[key] / reference[key]`` as '1.23x', or '-' when the reference has no such number."""
+    return f"{value[key] / reference[key]:.2f}x" if key in reference else "-"
+
+
+def unfinished_row(name: str, value: dict, columns: int, about: str) -> str | None:
+    """The table row of a run that was skipped or failed (``columns`` dashes), or None."""
+    if "error" not in value and "skipped" not in value:
+        return None
+    return f"| {name} |{' - |' * columns} {about}: **{value.get('skipped') or 'failed: ' + value['error']}** |"
+
+
 def combine(rounds: list[dict]) -> dict:
     """One run's result over its rounds: median speeds, the highest memory peak."""
     result = dict(rounds[0])
