@@ -18,6 +18,7 @@ part of it, and one drawn less often gives a different random part in every epoc
 order depends only on (seed, epoch), so a resumed run draws exactly what it would have drawn.
 """
 
+import bisect
 import math
 import random
 from dataclasses import dataclass, field, fields
@@ -78,7 +79,7 @@ class MixtureReport:
         return drawn
 
     def source_of(self, index: int) -> int:
-        return max(i for i, offset in enumerate(self.offsets) if offset <= index)
+        return bisect.bisect_right(self.offsets, index) - 1  # the last source starting at or before it (empty ones skipped)
 
 
 def mixture_shares(sizes: list[int], weights: list[float], mixing: str, temperature: float = 1.0) -> list[float]:
@@ -203,9 +204,8 @@ def build_mixture(cfg, build_one: Callable, what_trains: str = "this method"):
         report.val_offsets = [sum(report.val_sizes[:i]) for i in range(len(vals))]
         val = datasets.concatenate_datasets([v for v in vals if v is not None and len(v)])
     lengths = [len(ids) for ids in train["input_ids"]] if "input_ids" in train.column_names else None
-    report.tokens = [0] * len(sources)
-    for index in report.epoch_indices(cfg.seed, 0, shuffle=False):
-        report.tokens[report.source_of(index)] += lengths[index] if lengths else 0
+    first_epoch = realised_mix(report, lengths, cfg.seed, False, 0, sum(report.counts))
+    report.tokens = [first_epoch[name]["tokens"] for name in report.names]
     return train, val, [r for _, _, r in built], report
 
 
