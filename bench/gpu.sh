@@ -7,7 +7,7 @@
 #   bash bench/gpu.sh
 #   RUNS=tunelab,hf-bf16 STEPS=10 bash bench/gpu.sh
 #   RUNS=tunelab-nopack,tunelab-reference PROFILE=nopack,reference bash bench/gpu.sh   (then bench/gpu_profile.py)
-#   RUNS=- PRETRAIN=1 bash bench/gpu.sh      (no SFT table; bench/pretrain.py on a 350M Llama, with the Trainer,
+#   RUNS=- PRETRAIN=1 bash bench/gpu.sh      (no SFT table; bench/pretrain.py on a 350M Llama, 18 steps of 16 x 1024, with the Trainer,
 #                                            on .gpu/tinyshakespeare.txt: copy ../shared/data/tinyshakespeare/input.txt there)
 set -u
 source .gpu/env.sh || exit 1
@@ -35,7 +35,7 @@ if [ "$RUNS" != "-" ]; then
 fi
 if [ -n "${PRETRAIN:-}" ]; then
   python3 bench/pretrain.py --device cuda --model-config 350m --tokenizer "$GPU_TOKENIZER" --text .gpu/tinyshakespeare.txt \
-    --batch-size 16 --block-size 1024 --steps "${STEPS:-20}" --workdir /tmp/bench/pretrain --peak-tflops 790 --output "$OUT/pretrain.md" 2>&1 \
+    --batch-size 16 --block-size 1024 --steps "${PRETRAIN_STEPS:-18}" --workdir /tmp/bench/pretrain --peak-tflops 790 --output "$OUT/pretrain.md" 2>&1 \
     | tee "$OUT/pretrain-log.txt"
 fi
 kill "$copier"

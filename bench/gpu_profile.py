@@ -9,10 +9,13 @@ engine's loop is not used (no Fabric, no checkpoints), so the numbers are the st
 comparing variants with each other, not with ``bench/sft.py``'s table.
 
 Written for issue 19's open question: padded batches (``method.packing=false``) ran 2x slower
-than tunelab's plain path on an H200, and the cause had not been profiled.
+than tunelab's plain path on an H200, and the cause had not been profiled. A work folder of
+``bench/pretrain.py`` (``train_blocks.json``) profiles ``CausalLMPretrain`` instead, with the
+``pt-*`` variants: where a pretraining step goes when its blocks all have the same length.
 
     python bench/sft.py --device cuda --model-config 1b ... --workdir /tmp/bench     # the work folder first
     python bench/gpu_profile.py --workdir /tmp/bench --variants nopack,nopack-attention-eager --out outputs/profile
+    python bench/gpu_profile.py --workdir /tmp/bench/pretrain --variants pt-defaults,pt-rows-in-graph --out outputs/profile
 """
 
 import argparse
@@ -28,6 +31,18 @@ VARIANTS = {
     "nopack-nofused": ({"packing": False, "fused_kernels": False}, "padded batches, transformers' RMSNorm/MLP"),
     "nopack-pad64": ({"packing": False, "pad_multiple": 64}, "padded batches, rows padded to a multiple of 64"),
     "reference": ({"packing": False, "compile": False, "fused_kernels": False, "chunked_loss": False}, "the plain path"),
+    # bench/pretrain.py's work folder: full blocks, every one block_size tokens
+    "pt-defaults": ({}, "pretraining defaults (on a GPU: full blocks as plain rows)"),
+    "pt-chunk4096": ({"loss_chunk_size": 4096}, "pretraining defaults, loss chunks of 4096 rows"),
+    "pt-chunk16384": ({"loss_chunk_size": 16384}, "pretraining defaults, loss chunks of 16384 rows"),
+    "pt-eager": ({"compile": False}, "pretraining defaults without torch.compile"),
+    "pt-nochunk": ({"chunked_loss": False}, "pretraining defaults with full logits"),
+    "pt-rows": ({"packing": False}, "one row per block (no padding), attention outside the compiled layers"),
+    "pt-rows-in-graph": ({"packing": False, "attention_in_graph": True, "no_mask": True},
+                         "one row per block, no mask: causal sdpa inside the compiled layers"),
+    "pt-rows-static": ({"packing": False, "attention_in_graph": True, "no_mask": True, "static": True},
+                       "the same, layers compiled for static shapes"),
+    "pt-reference": ({"packing": False, "compile": False, "fused_kernels": False, "chunked_loss": False}, "the plain path"),
 }
 
 
@@ -53,6 +68,30 @@ def batches(rows: list[dict], batch_size: int, packing: bool, pad_token_id: int,
         yield batch
 
 
+def block_batches(blocks: list[list[int]], batch_size: int, packing: bool, pad_token_id: int, no_mask: bool):
+    from tunelab.data import BlockCollator
+
+    import torch
+
+    collate = BlockCollator(pad_token_id, packing, plain_rows=torch.cuda.is_available())
+    for start in range(0, len(blocks) - batch_size + 1, batch_size):
+        batch = collate([{"input_ids": b, "segments": [len(b)]} for b in blocks[start : start + batch_size]])
+        if no_mask:  # equal-length rows: no padding to hide, attention is plain causal
+            batch.pop("attention_mask", None)
+        yield batch
+
+
+def device_busy_ms(prof) -> float | None:
+    """The step's total kernel time on the device (against its wall time: the rest is the host)."""
+    events = prof.key_averages()
+    for key in ("self_device_time_total", "self_cuda_time_total"):
+        try:
+            return sum(getattr(e, key) for e in events) / 1e3
+        except AttributeError:
+            continue
+    return None
+
+
 def profile_table(prof) -> str:
     for key in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
         try:
@@ -65,6 +104,7 @@ def profile_table(prof) -> str:
 def run_variant(name: str, spec: dict, rows: list[dict], args, out: Path) -> dict:
     import torch
 
+    from tunelab.methods import CausalLMPretrain
     from tunelab.methods.fullfinetune_sft import FullFinetuneSFT
     from tunelab.models.kernels import use_packed_attention
     from transformers import AutoModelForCausalLM
@@ -72,6 +112,8 @@ def run_variant(name: str, spec: dict, rows: list[dict], args, out: Path) -> dic
     options, _ = VARIANTS[name]
     options = dict(options)
     attention_eager, pad_multiple = options.pop("attention_eager", False), options.pop("pad_multiple", 1)
+    in_graph, no_mask, static = options.pop("attention_in_graph", False), options.pop("no_mask", False), options.pop("static", False)
+    pretraining = name.startswith("pt-")
     device = torch.device(spec["device"])
     torch._dynamo.reset()
     if device.type == "cuda":
@@ -80,12 +122,28 @@ def run_variant(name: str, spec: dict, rows: list[dict], args, out: Path) -> dic
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32).to(device)
     if attention_eager:  # the packed attention function falls back to sdpa for padded rows, outside the compiled graph
         use_packed_attention(model)
-    method = FullFinetuneSFT(fix_token_embedding=False, **options)
+    method = (CausalLMPretrain(block_size=spec["block_size"], **options) if pretraining
+              else FullFinetuneSFT(fix_token_embedding=False, **options))  # fmt: skip
+    if in_graph or static:  # the variant compiles the layers itself
+        method.compile = False
     model = method.prepare_model(model)
+    if in_graph:
+        model.set_attn_implementation("sdpa")
+    if in_graph or static:
+        from tunelab.models.kernels import compile_decoder_layers
+
+        if static:
+            for layer in [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]:
+                layer.compile(dynamic=False)
+        else:
+            compile_decoder_layers(model)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec["lr"], fused=device.type == "cuda")
     pad_id = model.config.pad_token_id or 0
-    data = list(batches(rows, spec["batch_size"], method.packing, pad_id, pad_multiple))
+    data = list(
+        block_batches(rows, spec["batch_size"], method.packing, pad_id, no_mask) if pretraining
+        else batches(rows, spec["batch_size"], method.packing, pad_id, pad_multiple)
+    )  # fmt: skip
 
     def step(batch):
         batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -124,7 +182,7 @@ def run_variant(name: str, spec: dict, rows: list[dict], args, out: Path) -> dic
     del model, optimizer
     return {
         "step_s": sum(timed) / len(timed), "supervised_tokens_per_s": supervised / sum(timed), "tokens_per_s": tokens / sum(timed),
-        "warmup_s": warmup_s, "peak_gib": peak, "about": VARIANTS[name][1],
+        "warmup_s": warmup_s, "peak_gib": peak, "profiled_step_device_ms": device_busy_ms(prof), "about": VARIANTS[name][1],
     }  # fmt: skip
 
 
@@ -141,7 +199,14 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     spec = json.loads(Path(args.workdir, "spec.json").read_text())
-    rows = [json.loads(line) for line in Path(args.workdir, "train_tokens.jsonl").read_text().splitlines() if line.strip()]
+    blocks = Path(args.workdir, "train_blocks.json")
+    if blocks.exists() != all(n.startswith("pt-") for n in names):
+        raise SystemExit(f"{args.workdir} is {'bench/pretrain.py' if blocks.exists() else 'bench/sft.py'}'s work folder: "
+                         f"its variants are {'' if blocks.exists() else 'not '}the pt-* ones")  # fmt: skip
+    if blocks.exists():
+        rows = json.loads(blocks.read_text())
+    else:
+        rows = [json.loads(line) for line in Path(args.workdir, "train_tokens.jsonl").read_text().splitlines() if line.strip()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernels.txt").write_text("")

@@ -50,6 +50,40 @@ def test_block_collator_restarts_positions_and_masks_each_segment_start():
     assert padded["labels"].tolist() == [[1, 2, 3], [4, IGNORE_INDEX, IGNORE_INDEX]] and padded["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
+def test_full_blocks_go_as_plain_rows_with_the_packed_loss(tokenizer):
+    """plain_rows (the GPU's collation): full one-segment blocks of one length become rows without
+    mask or boundaries, with the same loss and gradient as the packed row; anything else packs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunelab.methods.fullfinetune_sft import chunked_causal_lm_loss
+    from tunelab.models.kernels import use_packed_attention
+
+    generator = torch.Generator().manual_seed(0)
+    blocks = [{"input_ids": torch.randint(0, len(tokenizer), (24,), generator=generator).tolist(), "segments": [24]} for _ in range(3)]
+    rows = BlockCollator(tokenizer.pad_token_id, packing=True, plain_rows=True)(blocks)
+    packed = BlockCollator(tokenizer.pad_token_id, packing=True)(blocks)
+    assert set(rows) == {"input_ids", "labels"} and rows["input_ids"].shape == (3, 24)
+    assert int((rows["labels"][:, 1:] != IGNORE_INDEX).sum()) == int((packed["labels"][:, 1:] != IGNORE_INDEX).sum()) == 3 * 23
+    for other in ([blocks[0], {"input_ids": blocks[1]["input_ids"][:20], "segments": [20]}],  # a shorter last block
+                  [{"input_ids": blocks[0]["input_ids"], "segments": [10, 14]}, blocks[1]]):  # two documents kept apart
+        assert "cu_seq_lens_q" in BlockCollator(tokenizer.pad_token_id, packing=True, plain_rows=True)(other)
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa"))  # fmt: skip
+    assert use_packed_attention(model)
+    results = []
+    for batch in (rows, packed):
+        model.zero_grad()
+        loss, units, _ = chunked_causal_lm_loss(model, batch, chunk_rows=16)
+        loss.backward()
+        results.append((loss.detach(), int(units), [p.grad.clone() for p in model.parameters()]))
+    assert results[0][1] == results[1][1]
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-4)
+    for a, b in zip(results[0][2], results[1][2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_attention_inside_documents_equals_each_document_alone(tokenizer):
     """A block holding the end of one document and a whole second one, packed with
     cross-document attention off, gives every position the logits of its document run alone."""

@@ -99,6 +99,48 @@ def test_linear_cross_entropy_on_cuda_matches_cross_entropy():
     torch.testing.assert_close(weight.grad, w.grad, rtol=1e-3, atol=1e-3)
 
 
+def test_full_blocks_as_plain_rows_take_sdpa_in_the_compiled_layers_and_match_packed(monkeypatch):
+    """Pretraining's full blocks on a GPU: plain rows (no mask, no boundaries) never reach the
+    eager packed function, compile with the layers, and give the packed row's loss and gradients."""
+    import tunelab.models.kernels as kernels
+    from tunelab.data import BlockCollator
+    from tunelab.methods.fullfinetune_sft import chunked_causal_lm_loss
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+                  num_key_value_heads=2, tie_word_embeddings=True, attn_implementation="sdpa")  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**config)).cuda()
+    assert kernels.use_packed_attention(model)
+    generator = torch.Generator().manual_seed(1)
+    blocks = [{"input_ids": torch.randint(0, 512, (256,), generator=generator).tolist(), "segments": [256]} for _ in range(4)]
+    move = lambda batch: {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}  # noqa: E731
+    rows, packed = BlockCollator(0, True, plain_rows=True)(blocks), BlockCollator(0, True)(blocks)
+    assert rows["input_ids"].shape == (4, 256) and "cu_seq_lens_q" not in rows
+    calls = []
+    real = kernels.packed_sdpa
+    monkeypatch.setattr(kernels, "packed_sdpa", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, units, _ = chunked_causal_lm_loss(model, move(batch), chunk_rows=512)
+        loss.backward()
+        return loss.detach().float(), int(units), [p.grad.float().clone() for p in model.parameters()]
+
+    plain = loss_and_grads(rows)
+    assert not calls, "plain rows went through the eager packed attention"
+    reference = loss_and_grads(packed)
+    assert calls
+    kernels.compile_decoder_layers(model)
+    compiled = loss_and_grads(rows)
+    for other in (reference, compiled):
+        assert other[1] == plain[1]
+        torch.testing.assert_close(other[0], plain[0], rtol=1e-2, atol=1e-2)
+        for a, b in zip(plain[2], other[2]):
+            assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+
+
 def test_training_on_cuda_fast_path_tracks_the_reference_path(tmp_path):
     """Packed rows (varlen flash), chunked loss and fused kernels under bf16 autocast on the GPU take
     the same steps as the plain path within bf16 tolerance."""

@@ -391,3 +391,22 @@ def test_padded_rows_keep_attention_out_of_compiled_layers_on_cuda(monkeypatch, 
             ours = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             theirs = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         torch.testing.assert_close(ours[real], theirs[real])
+
+
+def test_softmax_minus_one_hot_is_the_cross_entropy_and_its_gradient():
+    """The function the chunked loss compiles on a GPU (run eagerly here): the summed loss in
+    float32 and d(loss)/d(logits) in the logits' dtype."""
+    from tunelab.models.kernels import _softmax_minus_one_hot
+
+    torch.manual_seed(0)
+    logits = (torch.randn(37, 500) * 4).requires_grad_(True)
+    targets = torch.randint(0, 500, (37,))
+    loss, grad = _softmax_minus_one_hot(logits.detach().bfloat16(), targets)
+    expected = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    expected.backward()
+    assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss, expected, rtol=2e-2, atol=0.0)  # the logits were rounded to bf16
+    torch.testing.assert_close(grad.float(), logits.grad, rtol=0.0, atol=2e-2)
+    exact_loss, exact_grad = _softmax_minus_one_hot(logits.detach(), targets)
+    torch.testing.assert_close(exact_loss, expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(exact_grad, logits.grad, rtol=1e-5, atol=1e-6)

@@ -130,12 +130,20 @@ class BlockCollator:
     at each segment and ``cu_seq_lens`` keep attention inside it (``pack_collate``); a block with
     one segment attends across the documents in it. Padded: one row per block, which needs blocks
     of one segment (attention cannot be cut inside a padded row here).
+
+    ``plain_rows`` (what a GPU gets): a packed batch whose blocks are all of one length and one
+    segment (every full block, with cross-document attention) goes as one row per block with
+    neither padding nor mask: the same tokens, targets and attention, as plain causal attention that
+    the compiled layers take whole.
     """
 
-    def __init__(self, pad_token_id: int, packing: bool):
-        self.pad_token_id, self.packing = pad_token_id, packing
+    def __init__(self, pad_token_id: int, packing: bool, plain_rows: bool = False):
+        self.pad_token_id, self.packing, self.plain_rows = pad_token_id, packing, plain_rows
 
     def __call__(self, blocks: list[dict]) -> dict[str, torch.Tensor]:
+        if self.plain_rows and self.packing and len({len(b["input_ids"]) for b in blocks}) == 1 and all(len(b["segments"]) == 1 for b in blocks):
+            ids = torch.tensor([list(b["input_ids"]) for b in blocks], dtype=torch.long)
+            return {"input_ids": ids, "labels": ids.clone()}  # a row's first token is never a target (labels shift by one)
         if not self.packing:
             return pad_collate([{"input_ids": b["input_ids"], "labels": b["input_ids"]} for b in blocks], self.pad_token_id)
         pieces = []
