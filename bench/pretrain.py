@@ -33,7 +33,7 @@ MODEL_CONFIGS = {
     "350m": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 20, "num_attention_heads": 16, "num_key_value_heads": 8},
 }
 RUNS = {
-    "tunelab": {"kind": "tunelab", "overrides": [], "about": "tunelab defaults (packed rows, chunked loss, fused kernels, compile)"},
+    "tunelab": {"kind": "tunelab", "overrides": [], "about": "tunelab defaults (packed rows; on a GPU plain rows of full blocks; chunked loss, fused kernels, compile)"},
     "tunelab-reference": {"kind": "tunelab", "about": "tunelab's plain path (padded rows, full logits, transformers' modules, eager)",
                           "overrides": ["method.packing=false", "method.chunked_loss=false", "method.fused_kernels=false", "method.compile=false"]},
     "hf": {"kind": "hf", "about": "transformers Trainer (fp32 on CPU, bf16 on GPU), blocks as rows, labels = input ids"},
