@@ -1,5 +1,13 @@
-"""Tokenized examples -> a batch: padded rows, or one packed row without padding."""
+"""Tokenized examples -> a batch: padded rows, or one packed row without padding.
 
+Token lists become tensors through numpy: ``torch.tensor`` of 16 lists of 1,024 ints takes 2.6 ms
+on this project's CPU, numpy 0.6 ms; on a GPU step of 90 ms that is the difference between the
+data loader mattering or not.
+"""
+
+from itertools import chain
+
+import numpy as np
 import torch
 
 from tunelab.data.constants import IGNORE_INDEX
@@ -8,12 +16,16 @@ from tunelab.data.constants import IGNORE_INDEX
 def pad_rows(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token lists to the longest with ``value``; returns (ids, attention_mask)."""
     longest = max(len(r) for r in rows)
-    ids = torch.full((len(rows), longest), value, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    ids = np.full((len(rows), longest), value, dtype=np.int64)
+    attention_mask = np.zeros((len(rows), longest), dtype=np.int64)
     for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.as_tensor(row)
+        ids[i, : len(row)] = row
         attention_mask[i, : len(row)] = 1
-    return ids, attention_mask
+    return torch.from_numpy(ids), torch.from_numpy(attention_mask)
+
+
+def _flat_long(rows: list[list[int]], total: int) -> torch.Tensor:
+    return torch.from_numpy(np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=total))
 
 
 def pad_collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -43,8 +55,8 @@ def pack_collate(examples: list[dict]) -> dict[str, torch.Tensor]:
     as the continuation of the example before it.
     """
     lengths = [len(e["input_ids"]) for e in examples]
-    input_ids = torch.tensor([t for e in examples for t in e["input_ids"]], dtype=torch.long)[None]
-    labels = torch.tensor([t for e in examples for t in e["labels"]], dtype=torch.long)[None]
+    input_ids = _flat_long([e["input_ids"] for e in examples], sum(lengths))[None]
+    labels = _flat_long([e["labels"] for e in examples], sum(lengths))[None]
     position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
     bounds = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     labels[0, bounds[:-1].long()] = IGNORE_INDEX
@@ -142,7 +154,7 @@ class BlockCollator:
 
     def __call__(self, blocks: list[dict]) -> dict[str, torch.Tensor]:
         if self.plain_rows and self.packing and len({len(b["input_ids"]) for b in blocks}) == 1 and all(len(b["segments"]) == 1 for b in blocks):
-            ids = torch.tensor([list(b["input_ids"]) for b in blocks], dtype=torch.long)
+            ids = torch.from_numpy(np.array([b["input_ids"] for b in blocks], dtype=np.int64))
             return {"input_ids": ids, "labels": ids.clone()}  # a row's first token is never a target (labels shift by one)
         if not self.packing:
             return pad_collate([{"input_ids": b["input_ids"], "labels": b["input_ids"]} for b in blocks], self.pad_token_id)
