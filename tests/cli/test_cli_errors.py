@@ -180,7 +180,9 @@ def test_heldout_loss_without_validation_split(capsys, tmp_path):
 def test_a_component_that_refuses_its_options_is_a_clear_error(tmp_path, capsys):
     from tunelab.cli.main import main
 
-    code = main(["train", "modelpool=CausalLMPool/tiny-llama", "data.path=x.jsonl", f"output_dir={tmp_path / 'o'}",
+    data = tmp_path / "x.jsonl"  # a good file: the data checks run first, and this test is about the fabric
+    data.write_text('{"prompt": "1 + 1?", "completion": "2"}\n')
+    code = main(["train", "modelpool=CausalLMPool/tiny-llama", f"data.path={data}", f"output_dir={tmp_path / 'o'}",
                  "fabric=fsdp", "fabric.accelerator=cpu"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 1 and "Could not build lightning.fabric.Fabric" in err and "only available on GPU" in err

@@ -107,13 +107,23 @@ def cmd_demo(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "demo": cmd_demo}
+def cmd_data(argv: list[str]) -> int:
+    from tunelab.cli.data import cmd_data as run
+
+    return run(argv)
+
+
+COMMANDS = {"train": cmd_train, "data": cmd_data, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: tunelab {train,demo} ...\n\n  train   fine-tune a model (tunelab train --help)\n  demo    fine-tune SmolLM2-135M on GSM8K problems shipped with tunelab")
+        print(
+            "usage: tunelab {train,data,demo} ...\n\n  train   fine-tune a model (tunelab train --help)\n"
+            "  data    inspect, validate, clean and prepare data files (tunelab data --help)\n"
+            "  demo    fine-tune SmolLM2-135M on GSM8K problems shipped with tunelab"
+        )
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     debug = "--debug" in argv
     from tunelab.progress import setup_logging

@@ -39,6 +39,11 @@ class DataConfig:
     it changes which examples share a step. Packing (method.packing) removes padding altogether."""
     overlong: Literal["truncate", "drop"] = "truncate"
     """What to do with an example longer than method.max_length."""
+    validate: bool = True
+    """Run the cheap checks of `tunelab data validate` on the training file (and val_path, and
+    every source of a mixture) before loading a model: errors (unreadable lines, wrong fields, empty
+    answers, conversations without an assistant turn) stop the run with their lines, warnings are
+    logged; false skips them."""
     val_fraction: float = 0.0
     """Hold out this fraction of the records (after max_samples) as the validation split."""
     val_path: Optional[str] = None

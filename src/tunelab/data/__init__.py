@@ -10,6 +10,9 @@ from tunelab.data.readers import Record, read_records
 from tunelab.data.sampler import ResumableSampler
 from tunelab.data.tokenize import render, tokenize_completion, tokenize_conversation, tokenize_pair, tokenize_text
 
+# The data toolkit (``tunelab data ...``) is imported from its modules where used:
+# tunelab.data.stats, validate, audit, clean, pii, contamination, transform, synth, files.
+
 __all__ = [
     "IGNORE_INDEX",
     "REFERENCE_COLUMNS",

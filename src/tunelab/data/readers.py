@@ -12,6 +12,7 @@ from tunelab.errors import TunelabError
 class Record:
     fields: dict[str, Any]
     where: str  # "train.jsonl line 12", "data.json item 3", "data.csv row 5"
+    line: int | None = None  # the line in the file, where it is known (JSON lines; CSV rows)
 
 
 def read_records(path: Path, text_field: str = "text") -> list[Record]:
@@ -51,7 +52,7 @@ def _read_jsonl(path: Path) -> list[Record]:
                     f"Data file '{path}' line {number} is a JSON {type(value).__name__}, not an object. "
                     "Each line must be an object such as {\"prompt\": ..., \"completion\": ...}."
                 )
-            records.append(Record(value, f"{path.name} line {number}"))
+            records.append(Record(value, f"{path.name} line {number}", number))
     return records
 
 
@@ -85,7 +86,7 @@ def _read_tabular(path: Path, kind: str) -> list[Record]:
 
         # Every cell stays a string: type guessing would turn an answer such as "4" into an int.
         with path.open(newline="", encoding="utf-8") as f:
-            return [Record(dict(row), f"{path.name} row {i + 2}") for i, row in enumerate(csv.DictReader(f))]
+            return [Record(dict(row), f"{path.name} row {i + 2}", i + 2) for i, row in enumerate(csv.DictReader(f))]
     import datasets
 
     try:

@@ -55,11 +55,20 @@ def tokenize_conversation(tokenizer, messages: list[dict], from_message: int = 0
     starts = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     spans = [span for i, span in zip(starts, spans) if i >= from_message]
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    labels = []
-    for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"]):
-        inside = any(start < s_end and end > s_start for s_start, s_end in spans)
+    return list(encoded["input_ids"]), supervision_labels(encoded["input_ids"], encoded["offset_mapping"], spans)
+
+
+def supervision_labels(ids: list[int], offsets: list, spans: list[tuple[int, int]]) -> list[int]:
+    """A token is supervised (its label is itself) when its characters overlap a supervised span,
+    else IGNORE_INDEX. Spans are sorted and disjoint and token offsets never go backwards, so one
+    pass over both suffices (the data toolkit labels whole files with it)."""
+    labels, k = [], 0
+    for token, (start, end) in zip(ids, offsets):
+        while k < len(spans) and spans[k][1] <= start:
+            k += 1
+        inside = k < len(spans) and spans[k][0] < end and start < spans[k][1]
         labels.append(token if inside else IGNORE_INDEX)
-    return list(encoded["input_ids"]), labels
+    return labels
 
 
 def tokenize_text(tokenizer, text: str) -> tuple[list[int], list[int]]:

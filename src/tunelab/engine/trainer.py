@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from tunelab.config import DataConfig, instantiate, replace_placeholder, validate_config
 from tunelab.data import ResumableSampler
 from tunelab.data.mixture import realised_mix
+from tunelab.data.validate import check_before_training, describe_warnings, training_refusal
 from tunelab.engine.allocator import DEFAULT_MMAP_THRESHOLD, QUANTIZED_MMAP_THRESHOLD, tune_cpu_allocator
 from tunelab.engine.checkpoint import TrainState, atomic_write_text, load_checkpoint, resolve_checkpoint, save_checkpoint
 from tunelab.engine.method import LossResult, Method
@@ -164,6 +165,17 @@ def _ordered_batches(fabric, method: Method, tokenizer, batch_size: int):
     return batches
 
 
+def _check_data_files(data_cfg: DataConfig) -> None:
+    """``data.validate``: errors stop the run with their lines, warnings are logged."""
+    findings = check_before_training(data_cfg)
+    warnings = [f for f in findings if f.severity == "warning"]
+    if warnings and _launching_rank():
+        log.warning(describe_warnings(warnings))
+    errors = [f for f in findings if f.severity == "error"]
+    if errors:
+        raise training_refusal(errors, data_cfg)
+
+
 def train(cfg: DictConfig) -> RunResult:
     """Run a training job described by a composed config."""
     validate_config(cfg)
@@ -172,6 +184,7 @@ def train(cfg: DictConfig) -> RunResult:
     if not isinstance(method, Method):
         raise TunelabError(f"method._target_ builds a {type(method).__name__}, which is not a tunelab.engine.Method.")
     method.check()
+    _check_data_files(data_cfg)  # before any model or tokenizer loads: a broken line costs a second, not a model load
     method.run_dir = Path(cfg.output_dir)  # for files a method writes itself (GRPO's samples)
     resuming_from = resolve_checkpoint(method.ckpt_path) if method.ckpt_path else None
     # Only the launching process (rank 0) judges and cleans the output folder: the other ranks are
