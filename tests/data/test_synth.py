@@ -224,7 +224,7 @@ def test_local_client_samples_reproducibly_from_a_tiny_model(tokenizer):
     class Loaded:  # a pool that hands out the same random weights every time
         model = CausalLMPool(config={"model_type": "llama", "vocab_size": len(tokenizer), **TINY_LLAMA}, tokenizer_path=SMOLLM2_GGUF).load_model()
 
-        def load_model(self):
+        def load_model(self, **sizes):
             return self.model
 
         def load_tokenizer(self):
@@ -235,6 +235,17 @@ def test_local_client_samples_reproducibly_from_a_tiny_model(tokenizer):
     assert first.complete(messages, max_tokens=8) == second.complete(messages, max_tokens=8)
     assert first.truncated  # a random model does not stop by itself
     assert first.complete(messages, max_tokens=8) != first.complete(messages, max_tokens=8)  # each call draws anew
+
+
+def test_local_client_sizes_a_model_built_from_a_config_to_the_tokenizer():
+    """modelpool=CausalLMPool/tiny-llama (a config, no weights): the model gets the tokenizer's
+    vocabulary, as in training (it used to keep the config's default and fail on the first token)."""
+    from tunelab.config import compose_config, instantiate
+
+    client = LocalModelClient(instantiate(compose_config(["modelpool=CausalLMPool/tiny-llama"]).modelpool), seed=1)
+    assert isinstance(client.complete([{"role": "user", "content": "Write a task."}], max_tokens=4), str)
+    model, tokenizer = client._load()
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer)
 
 
 @pytest.mark.slow

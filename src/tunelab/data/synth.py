@@ -68,7 +68,8 @@ class LocalModelClient:
 
             self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
             self._tokenizer = self.pool.load_tokenizer()
-            self._model = self.pool.load_model().to(self.device).eval()
+            # a model built from a config (a random test model) takes its vocabulary from the tokenizer, as training does
+            self._model = self.pool.load_model(vocab_size=len(self._tokenizer), pad_token_id=self._tokenizer.pad_token_id).to(self.device).eval()
         return self._model, self._tokenizer
 
     def complete(self, messages: list[dict], max_tokens: int = 256, temperature: float = 0.7) -> str:
