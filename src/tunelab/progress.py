@@ -27,5 +27,5 @@ def setup_logging(debug: bool = False) -> None:
         stream=sys.stderr,
         force=True,  # bind to the current stderr, also when called again in one process
     )
-    for noisy in ("lightning", "lightning.fabric", "lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "datasets", "transformers", "urllib3", "matplotlib", "filelock"):
+    for noisy in ("absl", "lightning", "lightning.fabric", "lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "datasets", "transformers", "urllib3", "matplotlib", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -220,6 +220,7 @@ def train(cfg: DictConfig) -> RunResult:
     taskpool = instantiate(cfg.taskpool)
     if not isinstance(taskpool, TaskPool):
         raise TunelabError(f"taskpool._target_ builds a {type(taskpool).__name__}, which is not a tunelab.evaluation.TaskPool.")
+    taskpool.connect(tokenizer, data_cfg)
     if taskpool.needs_validation and splits.val is None:
         raise TunelabError(
             "The task pool evaluates on a validation split but there is none: set data.val_fraction=0.1 "

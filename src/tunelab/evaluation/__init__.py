@@ -1,3 +1,3 @@
-from tunelab.evaluation.taskpool import DummyTaskPool, HeldoutLossTaskPool, HeldoutRewardTaskPool, TaskPool
+from tunelab.evaluation.taskpool import DummyTaskPool, GenerationTaskPool, GSM8KTaskPool, HeldoutLossTaskPool, HeldoutRewardTaskPool, TaskPool
 
-__all__ = ["DummyTaskPool", "HeldoutLossTaskPool", "HeldoutRewardTaskPool", "TaskPool"]
+__all__ = ["DummyTaskPool", "GSM8KTaskPool", "GenerationTaskPool", "HeldoutLossTaskPool", "HeldoutRewardTaskPool", "TaskPool"]
