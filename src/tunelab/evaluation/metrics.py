@@ -62,8 +62,10 @@ def gsm8k(predictions: list[str], references: list[str], **_) -> list[float]:
 
 
 def gsm8k_flexible(predictions: list[str], references: list[str], **_) -> list[float]:
-    """1 where the prediction's final number (after ``####`` if present, else its last number)
-    equals the reference's: lm-evaluation-harness's "flexible-extract" reading."""
+    """1 where the prediction's final number (after the last ``####`` if there is one, else its
+    last number) equals the reference's. Close to lm-evaluation-harness's "flexible-extract",
+    which always takes the last number (also when a marked answer is followed by more text), and
+    compared as numbers (``#### 18.00`` equals 18), where lm-eval compares strings."""
     return [float(p is not None and p == gsm8k_answer(r, flexible=True)) for p, r in ((gsm8k_answer(p, True), r) for p, r in zip(predictions, references))]
 
 
