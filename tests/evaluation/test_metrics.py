@@ -85,3 +85,17 @@ def test_a_metric_returning_the_wrong_count_is_named():
 
 def one_score(predictions, references, **_):
     return [1.0]
+
+
+class Contains:
+    def __init__(self, word: str):
+        self.word = word
+
+    def __call__(self, predictions, references, **_):
+        return [float(self.word in p) for p in predictions]
+
+
+def test_user_metric_as_a_target_node_with_arguments():
+    node = f"{{_target_: {__name__}.Contains, word: apple}}"
+    scores = compute_metrics([node], ["an apple", "a pear"], ["", ""])
+    assert scores[0].name == "Contains" and scores[0].per_example == [1.0, 0.0]

@@ -141,7 +141,15 @@ def _import(path: str) -> Callable:
 
 
 def resolve_metric(spec) -> tuple[str, Callable]:
-    """(name, function) for a shipped metric's name, a dotted path or a ``{_target_: ...}`` node."""
+    """(name, function) for a shipped metric's name, a dotted path or a ``{_target_: ...}`` node
+    (a mapping, or its YAML text: ``--metric '{_target_: mypkg.Keyword, word: apple}'``)."""
+    if isinstance(spec, str) and spec.lstrip().startswith("{"):
+        import yaml
+
+        try:
+            spec = yaml.safe_load(spec)
+        except yaml.YAMLError as err:
+            raise TunelabError(f"--metric {spec!r} starts with '{{' but is not a YAML mapping ({err}).") from None
     if isinstance(spec, dict) or hasattr(spec, "keys"):
         from tunelab.config import instantiate
 
