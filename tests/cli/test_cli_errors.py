@@ -187,3 +187,29 @@ def test_a_component_that_refuses_its_options_is_a_clear_error(tmp_path, capsys)
     err = capsys.readouterr().err
     assert code == 1 and "Could not build lightning.fabric.Fabric" in err and "only available on GPU" in err
     assert "Traceback" not in err
+
+
+def test_an_unexpected_exception_becomes_one_paragraph(capsys, monkeypatch):
+    import tunelab.cli.main as cli
+
+    def broken(argv):
+        raise KeyError("lost_key")
+
+    monkeypatch.setitem(cli.COMMANDS, "data", broken)
+    code, _, err = _run(capsys, "data", "stats", "x.jsonl")
+    line = _assert_clean_error(err)
+    assert code == 1 and "failed unexpectedly" in line and "KeyError" in line and "lost_key" in line and "--debug" in line
+    with pytest.raises(KeyError):
+        main(["data", "stats", "x.jsonl", "--debug"])
+
+
+def test_an_os_error_names_the_path(capsys, monkeypatch, tmp_path):
+    import tunelab.cli.main as cli
+
+    def full_disk(argv):
+        raise OSError(28, "No space left on device", str(tmp_path / "ckpt"))
+
+    monkeypatch.setitem(cli.COMMANDS, "data", full_disk)
+    code, _, err = _run(capsys, "data", "stats")
+    line = _assert_clean_error(err)
+    assert code == 1 and str(tmp_path / "ckpt") in line and "No space left" in line

@@ -102,12 +102,10 @@ def cmd_perplexity(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     from tunelab.evaluation.perplexity import perplexity
-    from tunelab.progress import progress_bar
 
     items = _items(args)
     model = _load(args)
-    with progress_bar(len(items), desc="Scoring") as bar:
-        report = perplexity(model, items, args.data, args.max_length, args.stride, args.batch_size, progress=bar)
+    report = perplexity(model, items, args.data, args.max_length, args.stride, args.batch_size)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(report.to_dict(), indent=2))

@@ -146,6 +146,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         logging.getLogger("tunelab").warning("Interrupted; the last checkpoint written is intact.")
         return 130
+    except Exception as err:  # noqa: BLE001 - the one place an unexpected failure becomes a paragraph
+        if debug:
+            raise
+        print(f"error: {unexpected_failure(argv[0], err)}", file=sys.stderr)
+        return 1
+
+
+def unexpected_failure(command: str, err: BaseException) -> str:
+    """One paragraph for an exception tunelab did not foresee: what failed, where, the
+    exception's own message, and how to see the traceback."""
+    import traceback
+
+    frames = traceback.extract_tb(err.__traceback__)
+    ours = [f for f in frames if "/tunelab/" in f.filename.replace("\\", "/")]
+    frame = (ours or frames or [None])[-1]
+    where = f" in {frame.filename.split('/tunelab/')[-1] if ours else frame.filename}:{frame.lineno} ({frame.name})" if frame else ""
+    if isinstance(err, OSError) and err.filename:
+        return (f"tunelab {command} failed on '{err.filename}': {err.strerror}. Check that the path exists and is writable, and that the disk has room; "
+                f"run again with --debug for the traceback.")  # fmt: skip
+    message = str(err).strip().replace("\n", " ") or "(no message)"
+    return (f"tunelab {command} failed unexpectedly{where}: {type(err).__name__}: {message}. "
+            "This input is one tunelab does not check yet; run again with --debug for the traceback, and please report it.")  # fmt: skip
 
 
 if __name__ == "__main__":

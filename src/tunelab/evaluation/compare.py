@@ -20,9 +20,10 @@ from tunelab.errors import TunelabError
 from tunelab.evaluation.generate import GenerationSettings, atomic_write_text, generate_predictions, score_rows, write_predictions
 from tunelab.evaluation.items import EvalItem
 from tunelab.evaluation.perplexity import PerplexityReport, perplexity
-from tunelab.evaluation.stats import paired_bootstrap
+from tunelab.evaluation.stats import format_p, paired_bootstrap
 
 DEFAULT_GENERAL = "pkg://tunelab/demo_data/general_text.txt"
+BOOTSTRAP_RESAMPLES = 2000
 FORGETTING_THRESHOLD = 0.05  # a general-set perplexity rise above 5% (with its interval above 0) is reported as forgetting
 
 
@@ -70,7 +71,7 @@ class ComparisonReport:
         lines = [f"base:  {self.base}", f"tuned: {self.tuned}", f"task set: {self.data} ({self.items} items)", ""]
         lines.append(f"{'metric':<18}{'base':>9}{'tuned':>9}{'diff':>9}   95% CI of diff      p")
         for m in self.metrics:
-            lines.append(f"{m['metric']:<18}{m['base']:>9.4f}{m['tuned']:>9.4f}{m['diff']:>+9.4f}   {m['ci95_low']:+.4f} .. {m['ci95_high']:+.4f}  {m['p_value']:.3g}")
+            lines.append(f"{m['metric']:<18}{m['base']:>9.4f}{m['tuned']:>9.4f}{m['diff']:>+9.4f}   {m['ci95_low']:+.4f} .. {m['ci95_high']:+.4f}  {_p(m['p_value'])}")
         if self.perplexity:
             lines += ["", f"{'perplexity':<34}{'base':>11}{'tuned':>11}{'tuned/base':>11}   95% CI"]
             for p in self.perplexity:
@@ -96,6 +97,8 @@ def forgetting_verdict(rows: list[dict]) -> str:
         return f"yes: perplexity on the general set {name} rose {change}."
     if worst["ci95_low"] > 1:
         return f"slight: perplexity on the general set {name} rose {change}, within the {100 * FORGETTING_THRESHOLD:.0f}% tolerance."
+    if worst["ci95_high"] < 1:
+        return f"none: perplexity fell on every general set (least: {name}, {change})."
     return f"none measured: perplexity on the general set {name} changed {change}."
 
 
@@ -157,8 +160,10 @@ def compare_models(load_base, load_tuned, items: list[EvalItem], metrics: list, 
     for name in base.scores:
         a = [r["scores"][name] for r in base.rows]
         b = [r["scores"][name] for r in tuned.rows]
-        boot = paired_bootstrap([x if x == x else 0.0 for x in a], [x if x == x else 0.0 for x in b]) if len(a) >= 2 else None
-        row = {"metric": name, "base": base.scores[name]["score"], "tuned": tuned.scores[name]["score"]}
+        boot = paired_bootstrap([x if x == x else 0.0 for x in a], [x if x == x else 0.0 for x in b], BOOTSTRAP_RESAMPLES) if len(a) >= 2 else None
+        row = {"metric": name, "base": base.scores[name]["score"], "tuned": tuned.scores[name]["score"],
+               "base_ci95": [base.scores[name]["ci95_low"], base.scores[name]["ci95_high"]],
+               "tuned_ci95": [tuned.scores[name]["ci95_low"], tuned.scores[name]["ci95_high"]]}  # fmt: skip
         row["diff"] = row["tuned"] - row["base"]
         row |= {"ci95_low": boot.ci_low if boot else math.nan, "ci95_high": boot.ci_high if boot else math.nan, "p_value": boot.p_value if boot else math.nan}
         metric_rows.append(row)
@@ -201,10 +206,13 @@ def _charts(report: ComparisonReport, folder: Path) -> list[str]:
         x = np.arange(len(report.metrics))
         base = [m["base"] for m in report.metrics]
         tuned = [m["tuned"] for m in report.metrics]
-        ax.bar(x - 0.2, base, 0.4, label="base", color="#8a9bb0")
-        ax.bar(x + 0.2, tuned, 0.4, label="tuned", color="#2f6db5")
+        for offset, side, values, color in ((-0.2, "base", base, "#8a9bb0"), (0.2, "tuned", tuned, "#2f6db5")):
+            low = [v - m[f"{side}_ci95"][0] for v, m in zip(values, report.metrics)]
+            high = [m[f"{side}_ci95"][1] - v for v, m in zip(values, report.metrics)]
+            err = np.clip(np.nan_to_num(np.array([low, high])), 0, None)
+            ax.bar(x + offset, values, 0.4, yerr=err, capsize=3, label=side, color=color)
         ax.set_xticks(x, [m["metric"] for m in report.metrics])
-        ax.set_title(f"Task metrics on {report.items} items")
+        ax.set_title(f"Task metrics on {report.items} items (95% bootstrap intervals)")
         ax.legend(frameon=False)
         ax.spines[["top", "right"]].set_visible(False)
         fig.tight_layout()
@@ -240,6 +248,11 @@ pre{white-space:pre-wrap;background:#f7f7f9;padding:.6em;border-radius:4px;margi
 .verdict{padding:.6em 1em;background:#f3f6fb;border-left:4px solid #2f6db5}img{max-width:100%}"""
 
 
+def _p(value: float) -> str:
+    """A bootstrap p-value for a table cell: '0.667', '< 0.0005' where no resample crossed 0."""
+    return format_p(value, BOOTSTRAP_RESAMPLES).removeprefix("p ").removeprefix("= ")
+
+
 def _number(value: float, digits: int = 4) -> str:
     return "n/a" if value is None or value != value else f"{value:.{digits}f}"
 
@@ -263,7 +276,7 @@ def write_report(report: ComparisonReport, folder: Path) -> Path:
     for m in report.metrics:
         css = _significance(m["ci95_low"], m["ci95_high"])
         parts.append(f"<tr><td>{e(m['metric'])}</td><td>{_number(m['base'])}</td><td>{_number(m['tuned'])}</td><td class='{css}'>{m['diff']:+.4f}</td>"
-                     f"<td class='{css}'>{_number(m['ci95_low'])} .. {_number(m['ci95_high'])}</td><td>{_number(m['p_value'], 3)}</td></tr>")  # fmt: skip
+                     f"<td class='{css}'>{_number(m['ci95_low'])} .. {_number(m['ci95_high'])}</td><td>{_p(m['p_value'])}</td></tr>")  # fmt: skip
     parts.append("</table>")
     if report.perplexity:
         parts.append("<h2>Perplexity</h2><table><tr><th>set</th><th>role</th><th>scored tokens</th><th>base</th><th>tuned</th><th>tuned / base</th><th>95% CI</th></tr>")
@@ -274,8 +287,8 @@ def write_report(report: ComparisonReport, folder: Path) -> Path:
         parts.append("</table>")
     if charts:
         parts.append("<h2>Charts</h2>" + "".join(f"<p><img src='{name}' alt='{name}'></p>" for name in charts))
-    speed = report.speed
-    parts.append(f"<p class='muted'>Generation speed: base {_number(speed['base_tokens_per_s'], 1)} tokens/s, tuned {_number(speed['tuned_tokens_per_s'], 1)} tokens/s.</p>")
+    speed = {k: "predictions reused from `tunelab eval generate`" if v != v else f"{v:.1f} tokens/s" for k, v in report.speed.items()}
+    parts.append(f"<p class='muted'>Generation: base {e(speed['base_tokens_per_s'])}; tuned {e(speed['tuned_tokens_per_s'])}.</p>")
     parts.append(f"<h2>Samples (the first {len(report.samples)} items, not chosen)</h2>")
     for s in report.samples:
         def scored(d):

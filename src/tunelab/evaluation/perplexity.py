@@ -9,10 +9,12 @@ no earlier window scored, so every token after the first is predicted from at le
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from tunelab.data import IGNORE_INDEX
 from tunelab.errors import TunelabError
 from tunelab.evaluation.items import EvalItem
+from tunelab.progress import progress_bar
 
 
 @dataclass
@@ -60,7 +62,8 @@ def _rows(item: EvalItem, tokenizer) -> tuple[list[int], list[int]]:
 
 def perplexity(model, items: list[EvalItem], data_name: str = "", max_length: int | None = None, stride: int | None = None,
                batch_size: int = 8, progress=None) -> PerplexityReport:  # fmt: skip
-    """Perplexity of ``model`` (a LocalModel or an EndpointModel) on ``items``."""
+    """Perplexity of ``model`` (a LocalModel or an EndpointModel) on ``items``; ``progress`` (a bar
+    to update per scored window) replaces the bar this function shows otherwise."""
     from tunelab.evaluation.models import EndpointModel
 
     if isinstance(model, EndpointModel):
@@ -77,13 +80,13 @@ def perplexity(model, items: list[EvalItem], data_name: str = "", max_length: in
         rows += [(k, w_ids, w_labels) for w_ids, w_labels in windows(ids, labels, max_length, stride)]
     sums = [[0.0, 0] for _ in items]
     order = sorted(range(len(rows)), key=lambda r: -len(rows[r][1]))
-    for start in range(0, len(order), batch_size):
-        chunk = [rows[r] for r in order[start : start + batch_size]]
-        for (k, _, _), (nll, count) in zip(chunk, model.token_losses([(ids, labels) for _, ids, labels in chunk])):
-            sums[k][0] += nll
-            sums[k][1] += count
-        if progress is not None:
-            progress.update(len(chunk))
+    with progress_bar(len(rows), enabled=progress is None, desc=f"Perplexity {Path(data_name).name}".strip()) as own:
+        for start in range(0, len(order), batch_size):
+            chunk = [rows[r] for r in order[start : start + batch_size]]
+            for (k, _, _), (nll, count) in zip(chunk, model.token_losses([(ids, labels) for _, ids, labels in chunk])):
+                sums[k][0] += nll
+                sums[k][1] += count
+            (progress or own).update(len(chunk))
     return _report(model.name, data_name, items, sums, len(rows))
 
 
