@@ -213,3 +213,36 @@ def test_an_os_error_names_the_path(capsys, monkeypatch, tmp_path):
     code, _, err = _run(capsys, "data", "stats")
     line = _assert_clean_error(err)
     assert code == 1 and str(tmp_path / "ckpt") in line and "No space left" in line
+
+
+def _train_args(tmp_path, data, *extra):
+    return ["train", "modelpool=CausalLMPool/tiny-llama", "fabric=cpu", f"output_dir={tmp_path / 'run'}", f"data.path={data}",
+            "data.prompt_field=question", "data.completion_field=answer", "progress_bar=false", *extra]  # fmt: skip
+
+
+@pytest.mark.parametrize("validate", ["true", "false"])
+def test_a_data_file_that_is_not_utf8_names_the_byte_and_line(capsys, tmp_path, validate):
+    # Before: data.validate=false ended in a raw UnicodeDecodeError traceback.
+    data = tmp_path / "train.json"
+    data.write_bytes(b'[{"question": "caf\xe9?", "answer": "yes"}]\n')
+    code, _, err = _run(capsys, *_train_args(tmp_path, data, f"data.validate={validate}"))
+    line = _assert_clean_error(err)
+    assert code == 1 and str(data) in line and "byte 18 (line 1)" in line and "UTF-8" in line and "iconv" in line
+
+
+def test_a_binary_data_file_is_recognised(capsys, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(b"PK\x03\x04\x00\x00" + bytes(range(256)) * 4)
+    code, _, err = _run(capsys, *_train_args(tmp_path, data, "data.validate=false"))
+    line = _assert_clean_error(err)
+    assert code == 1 and "binary file" in line and str(data) in line
+
+
+def test_an_output_dir_that_is_a_file(capsys, tmp_path):
+    # Before: FileExistsError traceback.
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"question": "q", "answer": "a"}\n')
+    (tmp_path / "run").write_text("not a folder")
+    code, _, err = _run(capsys, *_train_args(tmp_path, data))
+    line = _assert_clean_error(err)
+    assert code == 1 and "is a file, not a folder" in line and (tmp_path / "run").read_text() == "not a folder"

@@ -19,6 +19,8 @@ def read_records(path: Path, text_field: str = "text") -> list[Record]:
     """Read JSON lines, a JSON array, Parquet, CSV or plain text (one record per blank-line
     separated paragraph) into records."""
     suffix = path.suffix.lower()
+    if suffix != ".parquet":
+        check_text_file(path)
     if suffix in (".jsonl", ".ndjson"):
         return _read_jsonl(path)
     if suffix == ".json":
@@ -32,6 +34,26 @@ def read_records(path: Path, text_field: str = "text") -> list[Record]:
         f"Data file '{path}' has the extension '{suffix}', which tunelab does not read. "
         "Use .jsonl, .json, .parquet, .csv or .txt."
     )
+
+
+def check_text_file(path: Path) -> None:
+    """A clear error for a file that is not UTF-8 text: a binary file (NUL bytes near its start),
+    or bytes that do not decode, named by their byte offset and line with the re-encoding command."""
+    data = path.read_bytes()
+    if b"\x00" in data[:8192]:
+        raise TunelabError(
+            f"Data file '{path}' is a binary file, not text (it holds NUL bytes near its start). Give a "
+            ".jsonl, .json, .csv or .txt file saved as UTF-8 text, or a .parquet file with that extension."
+        )
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise TunelabError(
+            f"Data file '{path}' is not UTF-8 text: byte {err.start} (line {line}) is {data[err.start:err.start + 1]!r} ({err.reason}). "
+            f"Re-encode it, e.g. iconv -f latin1 -t utf-8 '{path}' > fixed{path.suffix}, or run "
+            f"`tunelab data validate {path} --fix FIXED{path.suffix}` to replace the bad bytes."
+        ) from None
 
 
 def _read_jsonl(path: Path) -> list[Record]:

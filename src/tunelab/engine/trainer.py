@@ -79,6 +79,14 @@ class Run:
 
 def _prepare_output_dir(cfg: DictConfig, resuming_from: Path | None) -> Path:
     out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise TunelabError(f"output_dir '{out}' is a file, not a folder. Choose a folder for the run's checkpoints and logs (it is created if missing).")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TunelabError(f"output_dir '{out}' cannot be created ({err.strerror}). Choose a folder you can write to.") from None
+    if not os.access(out, os.W_OK):
+        raise TunelabError(f"output_dir '{out}' is not writable. Choose a folder you can write to, or fix its permissions.")
     marker = out / "run.json"
     if marker.exists() and not cfg.overwrite:
         inside = resuming_from is not None and out.resolve() in resuming_from.resolve().parents

@@ -287,7 +287,7 @@ def write_report(report: ComparisonReport, folder: Path) -> Path:
         parts.append("</table>")
     if charts:
         parts.append("<h2>Charts</h2>" + "".join(f"<p><img src='{name}' alt='{name}'></p>" for name in charts))
-    speed = {k: "predictions reused from `tunelab eval generate`" if v != v else f"{v:.1f} tokens/s" for k, v in report.speed.items()}
+    speed = {k: "predictions reused from tunelab eval generate" if v != v else f"{v:.1f} tokens/s" for k, v in report.speed.items()}
     parts.append(f"<p class='muted'>Generation: base {e(speed['base_tokens_per_s'])}; tuned {e(speed['tuned_tokens_per_s'])}.</p>")
     parts.append(f"<h2>Samples (the first {len(report.samples)} items, not chosen)</h2>")
     for s in report.samples:
