@@ -106,7 +106,7 @@ def test_resume_mid_mixture_is_exact(sources, tmp_path):
         (["data.replay_ratio=0.3"], {}, "no source has role: replay"),
         (["data.path=x.jsonl"], {}, "data.path and data.sources are both set"),
         ([], {"general": {"colour": "blue"}}, r"data.sources\[1\] has unknown option\(s\) colour"),
-        (["data.mixing=temperature", "data.temperature=0"], {}, "data.temperature=0 must be positive"),
+        (["data.mixing=temperature", "data.temperature=0"], {}, "data.temperature. is 0, but it must be positive"),
     ],
 )
 def test_bad_mixtures_are_refused_before_training(sources, tmp_path, extra, options, message):

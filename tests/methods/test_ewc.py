@@ -90,7 +90,7 @@ def test_sft_with_ewc_logs_the_penalty_apart_from_the_task_loss(tmp_path, genera
     strong = run(tmp_path / "strong", ewc.replace("1000.0", "1e7"), "method.fix_token_embedding=false")
 
     # A very strong EWC keeps the weights nearer the start than plain SFT does.
-    start = run(tmp_path / "start", "method.max_steps=1", "method.optimizer.lr=0.0").final_checkpoint
+    start = run(tmp_path / "start", "method.max_steps=1", "method.optimizer.lr=1e-30").final_checkpoint
     s = torch.load(start / "state.ckpt", weights_only=True)["model"]
 
     def distance(r):

@@ -279,7 +279,7 @@ def test_lora_ppo_uses_the_adapter_switched_off_as_reference_and_saves_adapters(
         (["data.prompt_field=prompt"], r"has no field 'prompt' \(data.prompt_field\)"),
         (["method.value_model=critic"], r"method.value_model' is 'critic', but it must be one of 'reward', 'policy', 'shared'"),
         (["method.kl_coef=0", "method.kl_target=1"], r"kl_coef must start above 0"),
-        (["method.value_lr=0"], r"method.value_lr=0 must be positive"),
+        (["method.value_lr=0"], r"method.value_lr. is 0, but it must be positive"),
     ],
 )
 def test_bad_input_stops_with_a_clear_error_before_training(tmp_path, reward_model_folder, extra, message):

@@ -27,6 +27,67 @@ def validate_config(cfg: DictConfig) -> None:
     except Exception as err:  # interpolation errors name the key themselves
         raise TunelabError(f"The config could not be resolved: {err}") from None
     _check_dataclass(tree, RunConfig, "")
+    check_ranges(tree, OmegaConf.to_container(cfg, resolve=False))
+
+
+# Options with a meaningful range, by key name (in any section: method, its optimizer and scheduler,
+# the adapter, the task pool, data, fabric). (test, what the value must be). A count of -1 means
+# "no limit" where the option says so; null means "off" and is never checked.
+def _positive(v):
+    return v > 0
+
+
+def _non_negative(v):
+    return v >= 0
+
+
+def _positive_or_unlimited(v):
+    return v > 0 or v == -1
+
+
+RANGES: dict[str, tuple] = {
+    **dict.fromkeys(
+        ("accumulate_grad_batches", "batch_size", "block_size", "checkpoint_save_frequency", "num_nodes", "loss_chunk_size", "lr",
+         "max_lr", "max_completion_length", "max_length", "max_new_tokens", "max_prompt_length", "num_generations", "num_iterations",
+         "num_mini_batches", "ppo_epochs", "r", "reward_model_batch_size", "lr_scheduler_frequency", "log_every_n_steps", "kl_horizon",
+         "temperature", "gradient_clip_val", "cliprange", "cliprange_value", "epsilon", "epsilon_high", "lora_alpha", "limit",
+         "num_proc", "max_samples", "max_val_samples", "kl_target", "value_lr", "eps", "num_virtual_tokens", "reduction_factor",
+         "bottleneck_size", "per_device_batch_size"),
+        (_positive, "positive"),
+    ),  # fmt: skip
+    **dict.fromkeys(("max_epochs", "max_steps", "max_steps_per_epoch"), (_positive_or_unlimited, "positive, or -1 for no limit")),
+    **dict.fromkeys(
+        ("beta", "eta_min", "every_n_steps", "init_lr", "kl_coef", "min_lr", "num_workers", "rpo_alpha", "simpo_gamma", "top_k",
+         "vf_coef", "warmup_steps", "weight_decay", "log_samples_every_n_steps", "missing_eos_penalty", "ewc_lambda", "replay_ratio"),
+        (_non_negative, "0 or more"),
+    ),  # fmt: skip
+    "val_fraction": (lambda v: 0 <= v < 1, "at least 0 and below 1 (a share of the records)"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
+    "dropout": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
+    "top_p": (lambda v: 0 < v <= 1, "above 0 and at most 1"),
+    "lam": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "gamma": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "label_smoothing": (lambda v: 0 <= v < 0.5, "at least 0 and below 0.5"),
+}
+
+
+def check_ranges(tree: Any, raw: Any, path: str = "") -> None:
+    """Every number under a key of ``RANGES`` is inside its range. A value reached through an
+    interpolation (``max_lr: ${method.optimizer.lr}``) is checked, and reported, at the key it
+    comes from, so the message names the key the user set."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            source = raw.get(key) if isinstance(raw, dict) else None
+            if isinstance(source, str) and "${" in source:
+                continue
+            where = _join(path, str(key))
+            rule = RANGES.get(key)
+            if rule and isinstance(value, (int, float)) and not isinstance(value, bool) and not rule[0](value):
+                raise TunelabError(f"Config key '{where}' is {value!r}, but it must be {rule[1]}. Set it on the command line as {where}=VALUE.")
+            check_ranges(value, source, where)
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            check_ranges(value, raw[i] if isinstance(raw, list) and i < len(raw) else None, f"{path}[{i}]")
 
 
 def locate(path: str, where: str) -> Any:
