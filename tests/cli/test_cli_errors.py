@@ -68,7 +68,7 @@ def test_cfg_job_prints_resolved_yaml_without_training(capsys, tmp_path):
 
 def test_cfg_job_still_validates(capsys):
     code, out, err = _run(capsys, "train", "method.max_epochs=abc", "--cfg", "job")
-    assert code == 1
+    assert code == 2  # usage and config errors exit 2
     line = _assert_clean_error(err)
     assert "method.max_epochs" in line
     assert out == ""
@@ -76,7 +76,7 @@ def test_cfg_job_still_validates(capsys):
 
 def test_unknown_key_is_a_one_paragraph_error(capsys):
     code, out, err = _run(capsys, "train", "method.lrr=1", "--cfg", "job")
-    assert code == 1
+    assert code == 2  # usage and config errors exit 2
     line = _assert_clean_error(err)
     assert "'method.lrr'" in line
     assert "lr_scheduler" in line
@@ -85,7 +85,7 @@ def test_unknown_key_is_a_one_paragraph_error(capsys):
 
 def test_unknown_key_without_cfg_flag(capsys, tmp_path):
     code, _, err = _run(capsys, "train", "method.optimizer.lrr=1", f"output_dir={tmp_path / 'x'}")
-    assert code == 1
+    assert code == 2  # usage and config errors exit 2
     line = _assert_clean_error(err)
     assert "'method.optimizer.lrr'" in line
     assert "'method.optimizer.lr'" in line
@@ -94,7 +94,7 @@ def test_unknown_key_without_cfg_flag(capsys, tmp_path):
 
 def test_unknown_flag(capsys):
     code, _, err = _run(capsys, "train", "--frobnicate")
-    assert code == 1
+    assert code == 2  # usage and config errors exit 2
     assert "--frobnicate" in _assert_clean_error(err)
 
 
@@ -246,3 +246,10 @@ def test_an_output_dir_that_is_a_file(capsys, tmp_path):
     code, _, err = _run(capsys, *_train_args(tmp_path, data))
     line = _assert_clean_error(err)
     assert code == 1 and "is a file, not a folder" in line and (tmp_path / "run").read_text() == "not a folder"
+
+
+def test_out_of_range_values_exit_2_before_anything_is_written(capsys, tmp_path):
+    code, _, err = _run(capsys, "train", "method.optimizer.lr=-1", f"output_dir={tmp_path / 'x'}", "data.path=whatever.jsonl")
+    line = _assert_clean_error(err)
+    assert code == 2 and "'method.optimizer.lr'" in line and "positive" in line
+    assert not (tmp_path / "x").exists()

@@ -36,9 +36,9 @@ def test_a_metric_that_does_not_exist_lists_the_metrics(data, capsys):
 
 
 def test_unknown_subcommand_and_flag(capsys):
-    assert main(["eval", "score"]) == 1
+    assert main(["eval", "score"]) == 2  # usage errors exit 2
     assert "Unknown command 'tunelab eval score'" in capsys.readouterr().err
-    assert main(["eval", "generate", "--modle", "x"]) == 1
+    assert main(["eval", "generate", "--modle", "x"]) == 2
     assert "required: --model, --data" in capsys.readouterr().err
 
 

@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, UsageError
 
 FORMATS = ("alpaca", "sharegpt", "openai", "prompt_completion", "text", "preference", "prompt")
 CHAT_FORMATS = ("alpaca", "sharegpt", "openai", "prompt_completion")
@@ -16,7 +16,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag as tunelab's one-paragraph error instead of exiting."""
 
     def error(self, message):
-        raise TunelabError(f"{self.prog}: {message}. See {self.prog} --help.")
+        raise UsageError(f"{self.prog}: {message}. See {self.prog} --help.")
 
 
 # ----------------------------------------------------------------------------- shared options
@@ -161,7 +161,7 @@ def _pii_kinds(value: str | None):
     kinds = tuple(k.strip() for k in value.split(",") if k.strip())
     unknown = [k for k in kinds if k not in PII_KINDS]
     if unknown:
-        raise TunelabError(f"--pii: unknown kind(s) {', '.join(unknown)}; choose from {', '.join(PII_KINDS)}, all or none.")
+        raise UsageError(f"--pii: unknown kind(s) {', '.join(unknown)}; choose from {', '.join(PII_KINDS)}, all or none.")
     return kinds
 
 
@@ -220,7 +220,7 @@ def _ratios(value: str) -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in value.split(","))
     except ValueError:
-        raise TunelabError(f"--ratios {value!r}: give comma-separated fractions such as 0.8,0.1,0.1.") from None
+        raise UsageError(f"--ratios {value!r}: give comma-separated fractions such as 0.8,0.1,0.1.") from None
 
 
 def cmd_split(argv: list[str]) -> int:
@@ -371,7 +371,7 @@ def cmd_data(argv: list[str]) -> int:
         print(usage())
         return 0
     if argv[0] not in SUBCOMMANDS:
-        raise TunelabError(f"Unknown data command '{argv[0]}'. Choose from: {', '.join(SUBCOMMANDS)} (tunelab data --help).")
+        raise UsageError(f"Unknown data command '{argv[0]}'. Choose from: {', '.join(SUBCOMMANDS)} (tunelab data --help).")
     try:
         return SUBCOMMANDS[argv[0]][0]([a for a in argv[1:] if a != "--debug"])  # main() handles --debug
     except SystemExit as done:  # argparse's --help

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from tunelab.cli.data import FORMATS, _Parser
-from tunelab.errors import TunelabError
+from tunelab.errors import UsageError
 
 USAGE = """usage: tunelab eval COMMAND ...
 
@@ -64,7 +64,7 @@ def _items(args, flag: str = "data"):
     from tunelab.evaluation.items import load_items
 
     if args.limit is not None and args.limit < 1:
-        raise TunelabError(f"--limit {args.limit} must be at least 1.")
+        raise UsageError(f"--limit {args.limit} must be at least 1.")
     return load_items(
         getattr(args, flag), args.format, limit=args.limit, start=args.start, reference_field=args.reference_field,
         prompt_field=args.prompt_field, completion_field=args.completion_field, messages_field=args.messages_field,
@@ -219,5 +219,5 @@ def cmd_eval(argv: list[str]) -> int:
         print(USAGE)
         return 0
     if argv[0] not in COMMANDS:
-        raise TunelabError(f"Unknown command 'tunelab eval {argv[0]}'. Commands: {', '.join(COMMANDS)}.")
+        raise UsageError(f"Unknown command 'tunelab eval {argv[0]}'. Commands: {', '.join(COMMANDS)}.")
     return COMMANDS[argv[0]]([a for a in argv[1:] if a != "--debug"])

@@ -4,7 +4,7 @@ import argparse
 import logging
 import sys
 
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, UsageError
 
 TRAIN_HELP = """usage: tunelab train [KEY=VALUE | GROUP=OPTION ...] [--cfg job] [--debug]
 
@@ -54,7 +54,7 @@ def _split_flags(argv: list[str]) -> tuple[list[str], dict]:
         elif arg.startswith("--cfg="):
             flags["cfg"] = arg.split("=", 1)[1]
         elif arg.startswith("-"):
-            raise TunelabError(f"Unknown flag '{arg}'. tunelab train takes KEY=VALUE overrides, --cfg job, --debug and --help.")
+            raise UsageError(f"Unknown flag '{arg}'. tunelab train takes KEY=VALUE overrides, --cfg job, --debug and --help.")
         else:
             overrides.append(arg)
     return overrides, flags
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return err.exit_code
     except KeyboardInterrupt:
         logging.getLogger("tunelab").warning("Interrupted; the last checkpoint written is intact.")
         return 130

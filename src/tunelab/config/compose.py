@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, UsageError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = ("method", "modelpool", "data", "taskpool", "fabric")
@@ -37,7 +37,7 @@ def compose_config(overrides: list[str]) -> DictConfig:
     return cfg
 
 
-def _explain(err: Exception, overrides: list[str]) -> TunelabError:
+def _explain(err: Exception, overrides: list[str]) -> UsageError:
     message = str(err)
     missing = re.search(r"Could not override '([^']+)'", message)
     if missing:
@@ -54,29 +54,29 @@ def _explain(err: Exception, overrides: list[str]) -> TunelabError:
         except TunelabError:
             pass
         if leaf in valid:  # the key exists: a {...} value brought keys the node lacks
-            return TunelabError(
+            return UsageError(
                 f"'{key}' cannot take new keys from a {{...}} value on the command line (it merges into the "
                 f"shipped node). Replace the whole node instead: '~{key}' '+{key}={{...}}'."
             )
         if "_target_" in valid and _accepts_option(OmegaConf.select(base, f"{parent}._target_"), leaf):
-            return TunelabError(
+            return UsageError(
                 f"'{key}' is a valid option of {OmegaConf.select(base, f'{parent}._target_')} but is not in the "
                 f"shipped config, so add it with a plus sign: '+{key}=VALUE'."
             )
         close = difflib.get_close_matches(leaf, valid, n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(repr(f'{parent}.{c}' if parent else c) for c in close)}?" if close else ""
         listing = f" Valid keys under '{parent or '<root>'}': {', '.join(sorted(valid))}." if valid else ""
-        return TunelabError(
+        return UsageError(
             f"Unknown config key '{key}' on the command line.{hint}{listing} "
             "Fix the spelling; `tunelab train ... --cfg job` prints the whole config."
         )
     if "Could not find" in message or "Could not load" in message:
         groups = list_groups()
-        return TunelabError(
+        return UsageError(
             f"{message.splitlines()[0]} Shipped options: "
             + "; ".join(f"{g}: {', '.join(opts)}" for g, opts in groups.items())
         )
-    return TunelabError(f"Invalid command-line override: {message.splitlines()[0]}")
+    return UsageError(f"Invalid command-line override: {message.splitlines()[0]}")
 
 
 def _accepts_option(target: str | None, name: str) -> bool:

@@ -15,17 +15,17 @@ from typing import Any, Literal, Union
 from omegaconf import DictConfig, OmegaConf
 
 from tunelab.config.schema import RunConfig
-from tunelab.errors import TunelabError
+from tunelab.errors import UsageError
 
 _PLACEHOLDER = re.compile(r"^_[A-Za-z][A-Za-z0-9_]*_$")
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Raise TunelabError on an unknown key, a wrong type or a target that cannot be imported."""
+    """Raise UsageError on an unknown key, a wrong type or a target that cannot be imported."""
     try:
         tree = OmegaConf.to_container(cfg, resolve=True)
     except Exception as err:  # interpolation errors name the key themselves
-        raise TunelabError(f"The config could not be resolved: {err}") from None
+        raise UsageError(f"The config could not be resolved: {err}") from None
     _check_dataclass(tree, RunConfig, "")
     check_ranges(tree, OmegaConf.to_container(cfg, resolve=False))
 
@@ -83,7 +83,7 @@ def check_ranges(tree: Any, raw: Any, path: str = "") -> None:
             where = _join(path, str(key))
             rule = RANGES.get(key)
             if rule and isinstance(value, (int, float)) and not isinstance(value, bool) and not rule[0](value):
-                raise TunelabError(f"Config key '{where}' is {value!r}, but it must be {rule[1]}. Set it on the command line as {where}=VALUE.")
+                raise UsageError(f"Config key '{where}' is {value!r}, but it must be {rule[1]}. Set it on the command line as {where}=VALUE.")
             check_ranges(value, source, where)
     elif isinstance(tree, list):
         for i, value in enumerate(tree):
@@ -96,7 +96,7 @@ def locate(path: str, where: str) -> Any:
     try:
         return get_object(path)
     except Exception:
-        raise TunelabError(
+        raise UsageError(
             f"Config key '{where}' names '{path}', which cannot be imported. "
             "Check the spelling of the module and class, and that its package is installed."
         ) from None
@@ -106,10 +106,10 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _unknown_key(path: str, key: str, valid: list[str], owner: str) -> TunelabError:
+def _unknown_key(path: str, key: str, valid: list[str], owner: str) -> UsageError:
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(_join(path, c)) for c in close)}?" if close else ""
-    return TunelabError(
+    return UsageError(
         f"Unknown config key '{_join(path, key)}' ({owner} has no option '{key}').{hint} "
         f"Valid keys here: {', '.join(sorted(valid))}. Fix the spelling, or see "
         "`tunelab train --help` for the config groups."
@@ -118,7 +118,7 @@ def _unknown_key(path: str, key: str, valid: list[str], owner: str) -> TunelabEr
 
 def _check_dataclass(node: Any, cls: type, path: str) -> None:
     if not isinstance(node, dict):
-        raise TunelabError(f"Config key '{path}' must be a mapping of options, got {node!r}.")
+        raise UsageError(f"Config key '{path}' must be a mapping of options, got {node!r}.")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key, value in node.items():
@@ -198,7 +198,7 @@ def _check_type(value: Any, hint: Any, path: str) -> None:
             expected = "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
         else:
             expected = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-        raise TunelabError(
+        raise UsageError(
             f"Config key '{path}' is {value!r}, but it must be {expected}. "
             f"Set it on the command line as {path}=VALUE."
         )
