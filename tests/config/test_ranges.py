@@ -54,3 +54,24 @@ def test_every_shipped_combination_is_in_range():
     for method in groups["method"]:
         for taskpool in groups["taskpool"]:
             validate_config(compose_config([f"method={method}", f"taskpool={taskpool}"]))
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [  # each found by tests/fuzz/test_fuzz_inputs.py, accepted before
+        ("fabric.devices=not-a-number", "fabric.devices"),
+        ("method.dataloader_kwargs.batch_size=not-a-number", "method.dataloader_kwargs.batch_size"),
+        ("method.dataloader_kwargs.num_workers=[1,2]", "method.dataloader_kwargs.num_workers"),
+        ("method.dataloader_kwargs.pin_memory=maybe", "method.dataloader_kwargs.pin_memory"),
+        ("method.optimizer.lr=inf", "method.optimizer.lr"),
+        ("method.optimizer.lr=nan", "method.optimizer.lr"),
+    ],
+)
+def test_values_the_fuzz_test_found_accepted(override, key):
+    with pytest.raises(TunelabError, match=f"'{key}'"):
+        validate_config(compose_config([override]))
+
+
+@pytest.mark.parametrize("devices", ["1", "auto", "-1", "'0,1'", "[0,1]"])
+def test_device_choices_that_mean_something_are_accepted(devices):
+    validate_config(compose_config([f"fabric.devices={devices}"]))

@@ -272,3 +272,16 @@ def test_missing_default_prompt_field_names_option():
 def test_field_of_wrong_type():
     with pytest.raises(TunelabError, match=r"field 'completion' must be a str, got list"):
         _example({"prompt": "p", "completion": ["a", "b"]})
+
+
+def test_json_nested_deeper_than_the_parser_recurses_is_a_broken_line_not_a_crash(tmp_path):
+    # Found by tests/fuzz: json.loads raised RecursionError, a traceback in every command.
+    from tunelab.data.files import scan_file
+    from tunelab.data.readers import read_records
+
+    path = tmp_path / "deep.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": ' + "[" * 5000 + "]" * 5000 + ', "completion": "b"}\n')
+    with pytest.raises(TunelabError, match=r"deep.jsonl' line 2 is not valid JSON \(nested deeper"):
+        read_records(path)
+    findings = scan_file(path).findings
+    assert [(f.line, f.check) for f in findings] == [(2, "broken_json")] and "nested deeper" in findings[0].message

@@ -8,6 +8,7 @@ anywhere (``method.optimizer.lrr``) is an error that names the key and the close
 import dataclasses
 import difflib
 import inspect
+import math
 import re
 import typing
 from typing import Any, Literal, Union
@@ -71,6 +72,24 @@ RANGES: dict[str, tuple] = {
 }
 
 
+def _devices(value) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value > 0 or value == -1
+    if isinstance(value, str):
+        return value == "auto" or value == "-1" or re.fullmatch(r"\d+(,\d+)*,?", value.replace(" ", "")) is not None
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+
+
+# Options whose values are not plain numbers: (test, what the value must be).
+CHOICES: dict[str, tuple] = {
+    "devices": (_devices, "a positive count, -1 (every device), 'auto', or device indices such as '0,1' or [0, 1]"),
+    # the data loader's options live in a plain mapping (method.dataloader_kwargs): no signature types them
+    **dict.fromkeys(("pin_memory", "persistent_workers", "drop_last", "use_dora", "use_rslora"), (lambda v: isinstance(v, bool), "true or false")),
+}
+
+
 def check_ranges(tree: Any, raw: Any, path: str = "") -> None:
     """Every number under a key of ``RANGES`` is inside its range. A value reached through an
     interpolation (``max_lr: ${method.optimizer.lr}``) is checked, and reported, at the key it
@@ -82,8 +101,14 @@ def check_ranges(tree: Any, raw: Any, path: str = "") -> None:
                 continue
             where = _join(path, str(key))
             rule = RANGES.get(key)
-            if rule and isinstance(value, (int, float)) and not isinstance(value, bool) and not rule[0](value):
+            if rule and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                if not (isinstance(value, str) and _PLACEHOLDER.match(value)):
+                    raise UsageError(f"Config key '{where}' is {value!r}, but it must be a number ({rule[1]}). Set it on the command line as {where}=VALUE.")
+            if rule and isinstance(value, (int, float)) and not isinstance(value, bool) and not (math.isfinite(value) and rule[0](value)):
                 raise UsageError(f"Config key '{where}' is {value!r}, but it must be {rule[1]}. Set it on the command line as {where}=VALUE.")
+            choice = CHOICES.get(key)
+            if choice and value is not None and not choice[0](value):
+                raise UsageError(f"Config key '{where}' is {value!r}, but it must be {choice[1]}. Set it on the command line as {where}=VALUE.")
             check_ranges(value, source, where)
     elif isinstance(tree, list):
         for i, value in enumerate(tree):

@@ -23,7 +23,7 @@ from typing import Iterable, Iterator
 import datasets
 from datasets.arrow_writer import ArrowWriter
 
-from tunelab.data.readers import read_records
+from tunelab.data.readers import parse_json, read_records
 from tunelab.errors import TunelabError
 from tunelab.progress import progress_bar
 
@@ -76,7 +76,7 @@ def _jsonl_texts(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
                 continue
             where = f"{path.name} line {number}"
             try:
-                value = json.loads(line)
+                value = parse_json(line)
             except json.JSONDecodeError as err:
                 raise TunelabError(f"Data file '{path}' line {number} is not valid JSON ({err.msg} at column {err.colno}); fix or delete that line.") from None
             yield _text_of(value, text_field, where), where

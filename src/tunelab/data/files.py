@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tunelab.data.readers import Record, read_records
+from tunelab.data.readers import Record, parse_json, read_records
 from tunelab.errors import TunelabError
 
 READABLE = (".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".txt", ".md")
@@ -95,7 +95,7 @@ def scan_file(path: str | Path, text_field: str = "text") -> ScannedFile:
             if not line.strip():
                 continue
             try:
-                value = json.loads(line)
+                value = parse_json(line)
             except json.JSONDecodeError as err:
                 findings.append(Finding(where, number, "broken_json", "error", f"not valid JSON ({err.msg} at column {err.colno})"))
                 continue

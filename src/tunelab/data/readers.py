@@ -36,6 +36,15 @@ def read_records(path: Path, text_field: str = "text") -> list[Record]:
     )
 
 
+def parse_json(text: str):
+    """``json.loads``, with nesting deeper than Python's parser recurses reported as the JSON error
+    it is (``json.loads`` raises RecursionError there)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested deeper than the JSON reader allows (about 1,000 levels)", text, 0) from None
+
+
 def check_text_file(path: Path) -> None:
     """A clear error for a file that is not UTF-8 text: a binary file (NUL bytes near its start),
     or bytes that do not decode, named by their byte offset and line with the re-encoding command."""
@@ -63,7 +72,7 @@ def _read_jsonl(path: Path) -> list[Record]:
             if not line.strip():
                 continue
             try:
-                value = json.loads(line)
+                value = parse_json(line)
             except json.JSONDecodeError as err:
                 raise TunelabError(
                     f"Data file '{path}' line {number} is not valid JSON ({err.msg} at column {err.colno}). "
@@ -80,7 +89,7 @@ def _read_jsonl(path: Path) -> list[Record]:
 
 def _read_json(path: Path) -> list[Record]:
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = parse_json(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise TunelabError(
             f"Data file '{path}' is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}). "

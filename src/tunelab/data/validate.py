@@ -27,7 +27,7 @@ from tunelab.config.schema import DataConfig
 from tunelab.data.constants import IGNORE_INDEX
 from tunelab.data.files import Finding, check_input, scan_file, write_records
 from tunelab.data.formats import to_example
-from tunelab.data.readers import Record
+from tunelab.data.readers import Record, parse_json
 from tunelab.data.tokenize import FALLBACK_CHAT_TEMPLATE, tokenize_conversation
 from tunelab.errors import TunelabError
 from tunelab.resources import resolve_path
@@ -710,7 +710,7 @@ def _text_line(path: Path, number: int, raw: bytes, text_field: str) -> Finding 
     if not line.strip():
         return None
     try:
-        value = json.loads(line)
+        value = parse_json(line)
     except json.JSONDecodeError as err:
         return Finding(where, number, "broken_json", "error", f"not valid JSON ({err.msg} at column {err.colno})")
     if not isinstance(value, dict):
