@@ -151,7 +151,7 @@ def test_both_limits_minus_one(capsys, tmp_path):
         f"output_dir={tmp_path / 'x'}",
         "data.path=whatever.jsonl",
     )
-    assert code == 1
+    assert code == 2  # a method's own option checks are config errors
     line = _assert_clean_error(err)
     assert "method.max_epochs" in line and "method.max_steps" in line
     assert "both -1" in line
@@ -253,3 +253,30 @@ def test_out_of_range_values_exit_2_before_anything_is_written(capsys, tmp_path)
     line = _assert_clean_error(err)
     assert code == 2 and "'method.optimizer.lr'" in line and "positive" in line
     assert not (tmp_path / "x").exists()
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(capsys, tmp_path, monkeypatch):
+    import tunelab.engine.checkpoint as checkpoint
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(f'{{"question": "q{i}", "answer": "a{i}"}}\n' for i in range(8)))
+    real_save, calls = checkpoint._save_part, []
+
+    def disk_full_on_the_second_checkpoint(part, folder):
+        calls.append(folder)
+        if len(calls) == 2:
+            (folder / "model.safetensors").write_bytes(b"half a file")
+            raise OSError(28, "No space left on device", str(folder / "model.safetensors"))
+        real_save(part, folder)
+
+    monkeypatch.setattr(checkpoint, "_save_part", disk_full_on_the_second_checkpoint)
+    code, _, err = _run(capsys, *_train_args(tmp_path, data, "method.max_steps=2", "method.checkpoint_save_interval=step",
+                                             "method.dataloader_kwargs.batch_size=4", "method.save_ckpt_type=hf"))  # fmt: skip
+    line = _assert_clean_error(err)
+    assert code == 1 and "No space left on device" in line and "model.safetensors" in line
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step-000001"  # the first checkpoint is still the latest, whole
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(checkpoints / "step-000001")
+    assert not (checkpoints / "step-000002").exists()

@@ -26,7 +26,7 @@ from tunelab.engine.allocator import DEFAULT_MMAP_THRESHOLD, QUANTIZED_MMAP_THRE
 from tunelab.engine.checkpoint import TrainState, atomic_write_text, load_checkpoint, resolve_checkpoint, save_checkpoint
 from tunelab.engine.method import LossResult, Method
 from tunelab.engine.metrics import MetricsCSV, plot_loss_curve
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, UsageError
 from tunelab.evaluation import TaskPool
 from tunelab.planning import measure_matmul_tflops, measured_peak_gib
 from tunelab.progress import progress_bar, show_progress
@@ -191,7 +191,12 @@ def train(cfg: DictConfig) -> RunResult:
     method = instantiate(cfg.method)
     if not isinstance(method, Method):
         raise TunelabError(f"method._target_ builds a {type(method).__name__}, which is not a tunelab.engine.Method.")
-    method.check()
+    try:
+        method.check()
+    except UsageError:
+        raise
+    except TunelabError as err:  # a method's own checks judge option values: a config error (exit 2)
+        raise UsageError(str(err)) from None
     _check_data_files(data_cfg)  # before any model or tokenizer loads: a broken line costs a second, not a model load
     method.run_dir = Path(cfg.output_dir)  # for files a method writes itself (GRPO's samples)
     resuming_from = resolve_checkpoint(method.ckpt_path) if method.ckpt_path else None
