@@ -65,3 +65,10 @@ def test_generate_and_perplexity_end_to_end(tiny_base_model, data, tmp_path, cap
     assert main(["eval", "perplexity", "--model", str(tiny_base_model), "--data", str(data), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["items"] == 3 and report["perplexity"] > 1
+
+
+@pytest.mark.parametrize("flags", [["--max-new-tokens", "0"], ["--batch-size", "-1"], ["--sample", "--temperature", "0"], ["--top-p", "1.5"], ["--limit", "0"]])
+def test_generation_flags_out_of_range_are_usage_errors(data, capsys, flags):
+    assert main(["eval", "generate", "--model", "tiny-llama", "--data", str(data), *flags]) == 2
+    err = capsys.readouterr().err
+    assert flags[-2] in err and "Traceback" not in err

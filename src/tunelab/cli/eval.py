@@ -72,10 +72,17 @@ def _items(args, flag: str = "data"):
     )  # fmt: skip
 
 
-def _settings(args):
+def _metrics_and_settings(args):
+    """The metrics (default exact_match) and generation settings, checked before any model loads."""
     from tunelab.evaluation.generate import GenerationSettings
+    from tunelab.evaluation.metrics import resolve_metric
 
-    return GenerationSettings(args.max_new_tokens, not args.sample, args.temperature, args.top_p, args.top_k, args.batch_size, args.seed)
+    metrics = args.metric or ["exact_match"]
+    for spec in metrics:
+        resolve_metric(spec)
+    settings = GenerationSettings(args.max_new_tokens, not args.sample, args.temperature, args.top_p, args.top_k, args.batch_size, args.seed)
+    settings.check()
+    return metrics, settings
 
 
 def _load(args, prefix: str = ""):
@@ -125,14 +132,9 @@ def cmd_generate(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     from tunelab.evaluation.generate import evaluate_generation
-    from tunelab.evaluation.metrics import resolve_metric
     from tunelab.progress import progress_bar
 
-    metrics = args.metric or ["exact_match"]
-    for spec in metrics:
-        resolve_metric(spec)
-    settings = _settings(args)
-    settings.check()
+    metrics, settings = _metrics_and_settings(args)
     items = _items(args)
     model = _load(args)
     with progress_bar(len(items), desc="Generating") as bar:
@@ -167,15 +169,10 @@ def cmd_compare(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from tunelab.evaluation.compare import compare_models
     from tunelab.evaluation.items import load_items
-    from tunelab.evaluation.metrics import resolve_metric
     from tunelab.evaluation.models import load_eval_model
     from tunelab.progress import progress_bar
 
-    metrics = args.metric or ["exact_match"]
-    for spec in metrics:
-        resolve_metric(spec)
-    settings = _settings(args)
-    settings.check()
+    metrics, settings = _metrics_and_settings(args)
     items = _items(args)
     general_sets = [g for g in (args.general or [DEFAULT_GENERAL]) if g.lower() != "none"]
     general = {g: load_items(g, limit=args.general_limit) for g in general_sets}

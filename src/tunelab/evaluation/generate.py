@@ -28,15 +28,15 @@ class GenerationSettings:
     seed: int = 0
 
     def check(self) -> None:
-        from tunelab.errors import TunelabError
+        from tunelab.errors import UsageError  # flags out of range: exit 2
 
         for name in ("max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
-                raise TunelabError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1.")
+                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1.")
         if not self.greedy and self.temperature <= 0:
-            raise TunelabError(f"--temperature {self.temperature} must be positive when sampling (or use --greedy).")
+            raise UsageError(f"--temperature {self.temperature} must be positive when sampling (or use --greedy).")
         if not 0 < self.top_p <= 1:
-            raise TunelabError(f"--top-p {self.top_p} must be in (0, 1].")
+            raise UsageError(f"--top-p {self.top_p} must be in (0, 1].")
 
 
 @dataclass
