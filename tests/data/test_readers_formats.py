@@ -285,3 +285,11 @@ def test_json_nested_deeper_than_the_parser_recurses_is_a_broken_line_not_a_cras
         read_records(path)
     findings = scan_file(path).findings
     assert [(f.line, f.check) for f in findings] == [(2, "broken_json")] and "nested deeper" in findings[0].message
+
+
+def test_a_csv_field_past_the_csv_modules_limit_names_the_file_and_line(tmp_path):
+    # Before: csv.Error ("field larger than field limit") escaped as an unexpected failure without the file.
+    path = tmp_path / "long.csv"
+    path.write_text('prompt,completion\nshort,ok\n"' + "x" * 200_000 + '",ok\n')
+    with pytest.raises(TunelabError, match=r"long.csv' line 3 cannot be read as CSV \(field larger than field limit"):
+        read_records(path)

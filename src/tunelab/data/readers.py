@@ -116,8 +116,18 @@ def _read_tabular(path: Path, kind: str) -> list[Record]:
         import csv
 
         # Every cell stays a string: type guessing would turn an answer such as "4" into an int.
+        records = []
         with path.open(newline="", encoding="utf-8") as f:
-            return [Record(dict(row), f"{path.name} row {i + 2}", i + 2) for i, row in enumerate(csv.DictReader(f))]
+            reader = csv.DictReader(f)
+            try:
+                for i, row in enumerate(reader):
+                    records.append(Record(dict(row), f"{path.name} row {i + 2}", i + 2))
+            except csv.Error as err:
+                raise TunelabError(
+                    f"Data file '{path}' line {reader.line_num + 1} cannot be read as CSV ({err}). Check its quoting, "
+                    "or save the data as JSON lines, which has no limit on a field's length."
+                ) from None
+        return records
     import datasets
 
     try:
