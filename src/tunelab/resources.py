@@ -1,4 +1,5 @@
-"""Where files live: ``pkg://`` paths inside installed packages, and tunelab's cache."""
+"""Where files live: ``pkg://`` paths inside installed packages, and tunelab's cache; and how a
+text file is written so that a crash never leaves half of it."""
 
 import importlib.util
 import os
@@ -35,3 +36,11 @@ def resolve_path(path: str, what: str) -> Path:
             "(a Hugging Face model folder, a .gguf file, or a data file)."
         )
     return resolved
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old file or
+    the new one, never half of it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from tunelab.errors import TunelabError
+from tunelab.resources import atomic_write_text  # noqa: F401 - re-exported: the engine writes its files with it
 from tunelab.models.adapters import load_converted_adapter, save_adapter_folder
 
 STATE_FILE = "state.ckpt"
@@ -34,12 +35,6 @@ class TrainState:
     global_step: int = 0
     epoch: int = 0
     batches_in_epoch: int = 0  # micro-batches of the current epoch already trained on
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _rng_state() -> dict:

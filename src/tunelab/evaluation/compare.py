@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from tunelab.errors import TunelabError
-from tunelab.evaluation.generate import GenerationSettings, atomic_write_text, generate_predictions, score_rows, write_predictions
+from tunelab.evaluation.generate import GenerationSettings, generate_predictions, score_rows, write_predictions
 from tunelab.evaluation.items import EvalItem
 from tunelab.evaluation.perplexity import PerplexityReport, perplexity
 from tunelab.evaluation.stats import format_p, paired_bootstrap
+from tunelab.resources import atomic_write_text
 
 DEFAULT_GENERAL = "pkg://tunelab/demo_data/general_text.txt"
 BOOTSTRAP_RESAMPLES = 2000

@@ -8,13 +8,13 @@ answers behind it and compared with another model's, item by item.
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunelab.evaluation.items import EvalItem
 from tunelab.evaluation.metrics import MetricScores, compute_metrics
 from tunelab.evaluation.models import GenerationStats
+from tunelab.resources import atomic_write_text
 
 
 @dataclass
@@ -102,13 +102,6 @@ def generate_predictions(model, items: list[EvalItem], settings: GenerationSetti
         for item, g in zip(items, generations)
     ]  # fmt: skip
     return rows, stats
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file, so a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def write_predictions(rows: list[dict], folder: Path) -> Path:

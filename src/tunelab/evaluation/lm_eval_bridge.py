@@ -209,7 +209,7 @@ def _scores(results: dict) -> list[LmEvalScore]:
 def _write(results: dict, folder: Path) -> None:
     from lm_eval.utils import handle_non_serializable
 
-    from tunelab.evaluation.generate import atomic_write_text
+    from tunelab.resources import atomic_write_text
 
     folder.mkdir(parents=True, exist_ok=True)
     samples = results.pop("samples", {})

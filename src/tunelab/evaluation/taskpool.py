@@ -151,26 +151,15 @@ class GenerationTaskPool(TaskPool):
         self.tokenizer = tokenizer
 
     def evaluate(self, fabric, model, method, val_loader) -> dict[str, float]:
-        from contextlib import nullcontext
-
         from tunelab.evaluation.generate import GenerationSettings, generate_predictions, score_rows
         from tunelab.evaluation.models import LocalModel
+        from tunelab.models.sampling import generating
 
-        inner = getattr(model, "module", model)
-        strategy = model.__dict__.get("_strategy")  # Fabric's wrapper: generate under the run's precision
-        autocast = strategy.precision.forward_context() if strategy is not None else nullcontext()
-        set_stance = getattr(torch.compiler, "set_stance", None)  # compiled layers would recompile for every decode shape
-        eager = set_stance("force_eager") if set_stance is not None else nullcontext()
         mine = self.items[fabric.global_rank :: fabric.world_size]  # each rank answers its share
-        was_training = inner.training
-        inner.eval()
-        try:
-            with torch.no_grad(), autocast, eager:
-                local = LocalModel(inner, self.tokenizer, "training", device=str(fabric.device))
-                settings = GenerationSettings(self.max_new_tokens, True, batch_size=self.batch_size)
-                rows, _ = generate_predictions(local, mine, settings) if mine else ([], None)
-        finally:
-            inner.train(was_training)
+        with generating(model) as inner:
+            local = LocalModel(inner, self.tokenizer, "training", device=str(fabric.device))
+            settings = GenerationSettings(self.max_new_tokens, True, batch_size=self.batch_size)
+            rows, _ = generate_predictions(local, mine, settings) if mine else ([], None)
         names, sums = [], []
         if rows:
             score_rows(rows, self.metrics)

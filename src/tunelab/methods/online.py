@@ -11,7 +11,6 @@ import copy
 import json
 import logging
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -25,7 +24,7 @@ from tunelab.errors import TunelabError
 from tunelab.methods.dpo import token_log_probs, under_reference
 from tunelab.methods.fullfinetune_sft import FullFinetuneSFT
 from tunelab.models.adapters import changes_sequence, check_adapter_options, check_reference_under_adapter, mutates_base
-from tunelab.models.sampling import sample
+from tunelab.models.sampling import generating, sample
 
 log = logging.getLogger(__name__)
 
@@ -129,24 +128,16 @@ class OnlinePolicyOptimization(FullFinetuneSFT):
         (once if ``greedy``) with the current weights: KV cache, eval mode, the run's precision,
         sampling from a generator seeded by ``seed``. Returns the completions' token lists (cut
         after EOS), texts, whether each hit the length limit, and each one's prompt index."""
-        inner = getattr(model, "module", model)  # Fabric's wrapper -> the (peft) transformers model
-        strategy = model.__dict__.get("_strategy")  # Fabric's wrapper: its precision's autocast, as in the forward
-        autocast = strategy.precision.forward_context() if strategy is not None else nullcontext()
         copies = 1 if greedy else self.completions_per_prompt()
-        was_training = inner.training
-        inner.eval()
-        try:
-            with torch.no_grad(), autocast, _eager():
-                if self.fast_generation:
-                    generated = sample(
-                        self.policy_of(inner), batch["prompt_ids"], batch["prompt_mask"], self.max_completion_length, self.eos_token_id,
-                        self.pad_token_id, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, greedy=greedy, repeats=copies,
-                        generator=torch.Generator(device=batch["prompt_ids"].device).manual_seed(seed),
-                    ).tolist()  # fmt: skip
-                else:
-                    generated = self.transformers_generate(inner, batch, seed, greedy, copies)
-        finally:
-            inner.train(was_training)
+        with generating(model) as inner:
+            if self.fast_generation:
+                generated = sample(
+                    self.policy_of(inner), batch["prompt_ids"], batch["prompt_mask"], self.max_completion_length, self.eos_token_id,
+                    self.pad_token_id, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, greedy=greedy, repeats=copies,
+                    generator=torch.Generator(device=batch["prompt_ids"].device).manual_seed(seed),
+                ).tolist()  # fmt: skip
+            else:
+                generated = self.transformers_generate(inner, batch, seed, greedy, copies)
         completions, truncated = [], []
         for row in generated:
             if self.eos_token_id in row:
@@ -280,9 +271,3 @@ class OnlinePolicyOptimization(FullFinetuneSFT):
     def policy_of(self, model: torch.nn.Module) -> torch.nn.Module:
         """The policy inside what the engine trains (PPO trains the policy with its value model)."""
         return model
-
-
-def _eager():
-    """Generation runs eagerly: compiled decoder layers would compile again for every decode shape."""
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    return set_stance("force_eager") if set_stance is not None else nullcontext()

@@ -21,6 +21,7 @@ tokens, and the tests compare both).
 
 import inspect
 import logging
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -193,3 +194,22 @@ def sample(
         position = position + 1
         logits = decoder(token[:, None], mask[:, : prompt_length + t + 1], position, cache)
     return torch.stack(tokens, dim=1)
+
+
+@contextmanager
+def generating(model: torch.nn.Module):
+    """Yield the model under Fabric's wrapper (if any) ready to decode with the current weights:
+    eval mode, no gradients, the run's autocast (as in its forward), and eager execution (compiled
+    layers would compile again for every decode shape). Training mode is restored afterwards."""
+    inner = getattr(model, "module", model)
+    strategy = model.__dict__.get("_strategy")  # Fabric's wrapper: its precision's autocast
+    autocast = strategy.precision.forward_context() if strategy is not None else nullcontext()
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    eager = set_stance("force_eager") if set_stance is not None else nullcontext()
+    was_training = inner.training
+    inner.eval()
+    try:
+        with torch.no_grad(), autocast, eager:
+            yield inner
+    finally:
+        inner.train(was_training)
