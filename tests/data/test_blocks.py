@@ -62,7 +62,8 @@ def test_full_blocks_go_as_plain_rows_with_the_packed_loss(tokenizer):
     blocks = [{"input_ids": torch.randint(0, len(tokenizer), (24,), generator=generator).tolist(), "segments": [24]} for _ in range(3)]
     rows = BlockCollator(tokenizer.pad_token_id, packing=True, plain_rows=True)(blocks)
     packed = BlockCollator(tokenizer.pad_token_id, packing=True)(blocks)
-    assert set(rows) == {"input_ids", "labels"} and rows["input_ids"].shape == (3, 24)
+    assert set(rows) == {"input_ids", "labels", "supervised_index"} and rows["input_ids"].shape == (3, 24)
+    assert rows["supervised_index"].tolist() == [r * 24 + t for r in range(3) for t in range(23)]  # all but each row's last
     assert int((rows["labels"][:, 1:] != IGNORE_INDEX).sum()) == int((packed["labels"][:, 1:] != IGNORE_INDEX).sum()) == 3 * 23
     for other in ([blocks[0], {"input_ids": blocks[1]["input_ids"][:20], "segments": [20]}],  # a shorter last block
                   [{"input_ids": blocks[0]["input_ids"], "segments": [10, 14]}, blocks[1]]):  # two documents kept apart

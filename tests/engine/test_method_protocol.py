@@ -122,3 +122,36 @@ def test_numbers_are_read_only_on_logged_steps_and_the_nan_guard_says_so(tmp_pat
     with open(tmp_path / "ok/metrics.csv") as f:
         logged = [int(r["step"]) for r in csv.DictReader(f)]
     assert logged == [3, 6, 8] and result.state.global_step == 8
+
+
+@dataclass
+class GeneratingDistill(DistillFromTeacher):
+    generates_before_step: ClassVar[bool] = True
+
+
+def test_a_logged_step_is_read_after_the_next_is_queued_unless_the_method_generates_from_the_model(tmp_path, monkeypatch):
+    """Two steps an epoch: step 1 is only logged, so its numbers are read (and its line written)
+    after step 2's work is queued; step 2 ends the epoch and is read at once. A method that runs
+    the model in before_step gets the previous step read (its loss checked) before that."""
+    from tunelab.engine.metrics import MetricsCSV
+
+    real_log = MetricsCSV.log
+    monkeypatch.setattr(MetricsCSV, "log", lambda self, values, step: CALLS.append(f"log:{step}") or real_log(self, values, step))
+    for name, expected in (("DistillFromTeacher", ["before_step:2", "before_step:2", "log:1", "log:2"]),
+                           ("GeneratingDistill", ["before_step:2", "log:1", "before_step:2", "log:2"])):  # fmt: skip
+        CALLS.clear()
+        cfg = distill_config(tmp_path / name)
+        cfg.method._target_ = f"{__name__}.{name}"
+        train(cfg)
+        steps = [c for c in CALLS if c.startswith(("before_step", "log"))]
+        assert steps[:4] == expected, name
+        assert [c for c in steps if c.startswith("log")] == [f"log:{step}" for step in range(1, 9)]
+
+
+def test_a_nan_on_a_step_read_late_names_that_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    CALLS.clear()
+    cfg = distill_config(tmp_path / "nan", nan_at_step=3)  # step 3 is only logged: read during step 4
+    with pytest.raises(TunelabError, match=r"became nan at step 3 \(epoch 1\); the run stopped, no checkpoint holds .*step-000002"):
+        train(cfg)
+    assert CALLS.count("before_step:2") == 4
+    assert (tmp_path / "nan/checkpoints/latest").read_text().strip() == "step-000002"  # epoch 0's, before the NaN

@@ -168,3 +168,48 @@ def test_training_on_cuda_fast_path_tracks_the_reference_path(tmp_path):
     assert len(fast) == len(reference) == 3
     for a, b in zip(fast, reference):
         assert a == pytest.approx(b, rel=2e-2)
+
+
+def test_the_training_loop_waits_for_the_device_about_once_a_step(tmp_path, monkeypatch):
+    """Host synchronisations in the steady state of a CUDA run: the wait for a step's numbers, and
+    transformers' check of packed positions (in its mask code). The chunked loss selects supervised
+    rows with the collator's index, so it never waits. Each is listed with where it came from
+    when the count is exceeded."""
+    import traceback
+    import warnings
+
+    from tunelab.config import compose_config
+    from tunelab.engine import train
+    from tunelab.engine.metrics import MetricsCSV
+
+    tokenizer = [f"modelpool.tokenizer_path={os.environ['GPU_TOKENIZER']}"] if os.environ.get("GPU_TOKENIZER") else []
+    seen, marks = [], {}
+    real_log = MetricsCSV.log
+
+    def log(self, values, step):
+        marks.setdefault(step, len(seen))
+        return real_log(self, values, step)
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" in str(message):
+            seen.append("".join(traceback.format_stack(limit=8)[:-1]))
+
+    monkeypatch.setattr(MetricsCSV, "log", log)
+    monkeypatch.setattr(warnings, "showwarning", record)
+    cfg = compose_config([
+        "modelpool=CausalLMPool/tiny-llama", "data.path=pkg://tunelab/demo_data/gsm8k_demo.jsonl", "data.prompt_field=question",
+        "data.completion_field=answer", "data.max_samples=96", f"data.cache_dir={tmp_path / 'cache'}", "method.max_length=256",
+        "method.dataloader_kwargs.batch_size=8", "method.max_steps=10", "method.compile=false", "data.shuffle=false",
+        f"output_dir={tmp_path / 'run'}", "progress_bar=false", "fabric.accelerator=cuda", "fabric.precision=bf16-mixed", "taskpool=dummy", *tokenizer,
+    ])  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train(cfg)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    between = seen[marks[3] : marks[8]]  # steps 4 to 8 (step 3's line is written during step 4)
+    per_step = len(between) / 5
+    print(f"host synchronisations per step: {per_step}")
+    assert per_step <= 2, f"{per_step} host synchronisations a step; from:\n" + "\n---\n".join(sorted(set(between)))

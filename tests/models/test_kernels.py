@@ -75,6 +75,35 @@ def test_chunked_loss_equals_full_logits_loss_and_gradients():
         torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("collate", ["pad", "pack", "blocks"])
+def test_the_collators_supervised_index_gives_the_masked_loss_and_gradients(collate):
+    """The index the collator finds on the host selects the same rows and targets as the boolean
+    mask on the device (which makes the host wait), for padded, packed and block batches."""
+    from tunelab.data import BlockCollator, PackCollator, PadCollator
+
+    reference, packed = tiny_pair()
+    rows = examples()
+    if collate == "blocks":  # full blocks of one document each: every token but a row's first is a target
+        rows = [{"input_ids": r["input_ids"][:5], "labels": r["input_ids"][:5], "segments": [5]} for r in rows]
+        batch = BlockCollator(0, packing=False)(rows)
+        model = reference
+    else:
+        batch, model = (PadCollator(0)(rows), reference) if collate == "pad" else (PackCollator()(rows), packed)
+    expected_units = sum(1 for r in rows for t in r["labels"][1:] if t != IGNORE_INDEX)
+    assert batch["supervised_index"].numel() == expected_units
+    masked = {k: v for k, v in batch.items() if k != "supervised_index"}
+    loss, units, _ = chunked_causal_lm_loss(model, masked, chunk_rows=3)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    indexed, indexed_units, _ = chunked_causal_lm_loss(model, batch, chunk_rows=3)
+    indexed.backward()
+    assert int(units) == indexed_units == expected_units
+    torch.testing.assert_close(indexed, loss, atol=1e-6, rtol=1e-6)
+    for (name, p), g in zip(model.named_parameters(), grads):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_chunked_loss_under_bf16_autocast_matches_reference():
     reference, packed = tiny_pair()
     rows = examples()

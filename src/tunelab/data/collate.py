@@ -35,14 +35,27 @@ def pad_collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tens
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def supervised_index(labels: torch.Tensor) -> torch.Tensor:
+    """The positions, in the batch's rows laid end to end, whose next token is a target, found on
+    the host. The chunked loss gathers them with it; a boolean mask on the device would make the
+    host wait for the device to count them, twice a step (forward and backward)."""
+    rows, columns = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    return rows * labels.shape[1] + columns
+
+
+def with_supervised_index(batch: dict) -> dict:
+    batch["supervised_index"] = supervised_index(batch["labels"])
+    return batch
+
+
 class PadCollator:
-    """Picklable collate_fn (dataloader workers need one)."""
+    """Picklable collate_fn (dataloader workers need one); adds ``supervised_index``."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        return pad_collate(examples, self.pad_token_id)
+        return with_supervised_index(pad_collate(examples, self.pad_token_id))
 
 
 def pack_collate(examples: list[dict]) -> dict[str, torch.Tensor]:
@@ -74,10 +87,10 @@ def batch_tokens(batch: dict) -> int:
 
 
 class PackCollator:
-    """Picklable collate_fn for padding-free packing."""
+    """Picklable collate_fn for padding-free packing; adds ``supervised_index``."""
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        return pack_collate(examples)
+        return with_supervised_index(pack_collate(examples))
 
 
 def pair_collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -155,9 +168,10 @@ class BlockCollator:
     def __call__(self, blocks: list[dict]) -> dict[str, torch.Tensor]:
         if self.plain_rows and self.packing and len({len(b["input_ids"]) for b in blocks}) == 1 and all(len(b["segments"]) == 1 for b in blocks):
             ids = torch.from_numpy(np.array([b["input_ids"] for b in blocks], dtype=np.int64))
-            return {"input_ids": ids, "labels": ids.clone()}  # a row's first token is never a target (labels shift by one)
+            # a row's first token is never a target (labels shift by one)
+            return with_supervised_index({"input_ids": ids, "labels": ids.clone()})
         if not self.packing:
-            return pad_collate([{"input_ids": b["input_ids"], "labels": b["input_ids"]} for b in blocks], self.pad_token_id)
+            return with_supervised_index(pad_collate([{"input_ids": b["input_ids"], "labels": b["input_ids"]} for b in blocks], self.pad_token_id))
         pieces = []
         for block in blocks:
             start = 0
@@ -165,4 +179,4 @@ class BlockCollator:
                 ids = block["input_ids"][start : start + length]
                 pieces.append({"input_ids": ids, "labels": ids})
                 start += length
-        return pack_collate(pieces)
+        return with_supervised_index(pack_collate(pieces))

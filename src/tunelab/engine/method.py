@@ -89,6 +89,12 @@ class Method(TrainingOptions, ABC):
     loss_unit: ClassVar[str] = "token"
     """What ``loss_units`` counts: 'token' (supervised tokens), 'pair', 'sequence'."""
 
+    generates_before_step: ClassVar[bool] = False
+    """True when ``before_step`` runs the trained model (online methods generate there). The engine
+    then reads the previous step's numbers before it, so generation never runs on weights that a
+    non-finite loss broke; otherwise a step that is only logged is read after the next step's work
+    is queued."""
+
     run_dir = None  # set by the engine: the run's output folder (a plain attribute, not a config option)
 
     @abstractmethod

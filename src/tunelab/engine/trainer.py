@@ -392,16 +392,70 @@ def _tokens(batch: dict) -> torch.Tensor | int:
 
 
 def _on_device(values, device) -> torch.Tensor:
-    """Numbers and 0-d tensors -> one float64 vector on the device (no wait for the device)."""
-    return torch.stack([torch.as_tensor(v).detach().to(device=device, dtype=torch.float64) for v in values])
+    """Numbers and 0-d tensors -> one float64 vector on the device, without waiting for it: numbers
+    and host tensors are written by a fill on the device, never copied from pageable host memory
+    (that copy would wait for everything queued before it)."""
+
+    def one(v):
+        if isinstance(v, torch.Tensor) and v.device.type != "cpu":
+            return v.detach().to(device=device, dtype=torch.float64)
+        return torch.full((), float(v), dtype=torch.float64, device=device)
+
+    return torch.stack([one(v) for v in values])
+
+
+@dataclass
+class StepNumbers:
+    """One step's numbers (metric sums, units, gradient norms, token counts), gathered on the device
+    while the step is queued. ``send`` starts copying them to the host behind the step's work; ``read``
+    waits for that copy alone. The engine reads a step at once when it keeps something (a
+    checkpoint, an evaluation, an epoch's end, the last step), and a step that is only logged after
+    the next step's work is queued, so the device does not idle while the host logs and loads."""
+
+    step: int
+    epoch: int
+    keys: list[list[str]] = field(default_factory=list)  # per optimizer update: the metric names of ...
+    sums: list[torch.Tensor] = field(default_factory=list)  # ... its metric sums over every unit and rank
+    units: list[torch.Tensor] = field(default_factory=list)  # per update: its units over every rank
+    grad_norms: list = field(default_factory=list)
+    lr: float = 0.0
+    logged: bool = False
+    clock: float = 0.0  # the engine's training clock when the step's work was queued
+    values: torch.Tensor | None = None  # everything above, one vector, on its way to the host
+    done: object = None  # CUDA: an event recorded after the step's work
+
+    def send(self, counts: torch.Tensor, interval: torch.Tensor, device: torch.device) -> None:
+        """``counts``: the step's tokens and units; ``interval``: those since the previous read."""
+        values = torch.cat([*self.sums, *self.units, _on_device(self.grad_norms, device), counts, interval])
+        if values.device.type == "cuda":
+            self.values = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self.values.copy_(values, non_blocking=True)
+            self.done = torch.cuda.Event(enable_timing=True)
+            self.done.record()
+        else:
+            self.values = values
+
+    def read(self) -> tuple[list[dict], list[float], list[float], list[float]]:
+        """Wait for the copy; per update its metric sums and its units, the gradient norms, and
+        (tokens, units, interval tokens, interval units)."""
+        if self.done is not None:
+            self.done.synchronize()
+        values, at, sums = self.values.tolist(), 0, []
+        for keys in self.keys:
+            sums.append(dict(zip(keys, values[at : at + len(keys)])))
+            at += len(keys)
+        units = values[at : at + len(sums)]
+        norms = values[at + len(sums) : at + len(sums) + len(self.grad_norms)]
+        return sums, units, norms, values[-4:]
 
 
 def fit(run: Run, state: TrainState, batches_per_epoch: int) -> RunResult:
     """The training loop. Reads top to bottom: one optimizer step per iteration.
 
     Losses, unit counts and metrics stay on the device while the step runs; the loop waits for the
-    device once per step it reads them (logging, the NaN guard, checkpoints, evaluation, the last
-    step), never per micro-batch.
+    device once per step whose numbers it reads (``StepNumbers``: logged steps, and steps after
+    which something is kept), never per micro-batch, and a step that is only logged is read after
+    the next one is queued.
     """
     fabric, method, model, optimizer = run.fabric, run.method, run.model, run.optimizer
     total_steps = method.total_steps(batches_per_epoch)
@@ -431,22 +485,80 @@ def fit(run: Run, state: TrainState, batches_per_epoch: int) -> RunResult:
                 run.metrics.log(scores, state.global_step)
             log.info("step %d: %s", state.global_step, ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
 
-    def reads_this_step(step: int, step_in_epoch: int) -> bool:
-        """Steps whose numbers are read: logged ones, and any after which something is kept."""
+    def keeps_something(step: int, step_in_epoch: int) -> bool:
+        """Steps after which something is kept or evaluated: their numbers are read at once."""
         every = run.taskpool.every_n_steps
         return (
-            step % run.log_every_n_steps == 0 or step == total_steps or step_in_epoch == steps_per_epoch
+            step == total_steps or step_in_epoch == steps_per_epoch
             or (method.checkpoint_save_interval == "step" and step % method.checkpoint_save_frequency == 0)
             or bool(every and step % every == 0)
         )  # fmt: skip
 
-    if run.taskpool.at_start and state.global_step == 0:
-        evaluate()
     bar = progress_bar(total_steps, initial=state.global_step, enabled=run.show_progress, desc="Training")
     seen = torch.zeros(2, dtype=torch.float64, device=fabric.device)  # tokens, units over the whole run
     since_read = torch.zeros_like(seen)  # ... and since the numbers were last read
-    train_seconds = interval_seconds = 0.0
-    last_read_step = state.global_step
+    train_seconds = 0.0  # time spent in steps (evaluations and checkpoints excluded)
+    # Where the interval since the last read began: a step, its training clock and (CUDA) its event;
+    # after an evaluation or a checkpoint the next step's start. Tokens read so far, for the bar.
+    since = {"step": state.global_step, "clock": 0.0, "event": None, "tokens": 0.0}
+    unread: StepNumbers | None = None  # a logged step not read yet
+
+    def read(numbers: StepNumbers) -> None:
+        """Wait for a step's numbers; the NaN guard; its log line."""
+        sums, units, norms, (tokens, n_units, interval_tokens, interval_units) = numbers.read()
+        for index, (update, update_units) in enumerate(zip(sums, units)):
+            loss = update["loss"] / max(update_units, 1)
+            if not math.isfinite(loss):
+                where = f"the last good checkpoint is {checkpoints / (checkpoints / 'latest').read_text().strip()}" if (checkpoints / "latest").exists() else "no checkpoint had been written yet"
+                unchecked = "" if since["step"] == numbers.step - 1 else (
+                    f" (the loss is read every log_every_n_steps={run.log_every_n_steps} steps: it may have "
+                    f"turned after step {since['step']})")
+                which = f" (update {index + 1} of {len(sums)})" if len(sums) > 1 else ""
+                raise TunelabError(
+                    f"The training loss became {loss} at step {numbers.step}{which} (epoch {numbers.epoch}){unchecked}; the run "
+                    f"stopped, no checkpoint holds weights trained on it, and {where}. Lower method.optimizer.lr, set "
+                    "method.gradient_clip_val=1.0, or check the data for broken examples."
+                )
+        totals: dict[str, float] = {}
+        for update in sums:
+            totals = {key: totals.get(key, 0.0) + value for key, value in update.items()}
+        means = {key: value / max(n_units, 1) for key, value in totals.items()}
+        # On CUDA the device's own clock between the step ends (the host queues ahead of it);
+        # elsewhere the host's, which waited for each step.
+        if numbers.done is not None and since["event"] is not None:
+            seconds = since["event"].elapsed_time(numbers.done) / 1000
+        else:
+            seconds = numbers.clock - since["clock"]
+        seconds = max(seconds, 1e-9)
+        if numbers.logged:
+            row = {
+                **{f"train/{key}": value for key, value in means.items()}, "train/lr": numbers.lr,
+                "train/grad_norm": sum(norms) / len(norms), "train/tokens_per_s": interval_tokens / seconds,
+                "train/supervised_tokens_per_s": interval_units / seconds, "train/tokens": tokens, "train/supervised_tokens": n_units,
+                "train/step_seconds": seconds / (numbers.step - since["step"]), "train/epoch": numbers.epoch,
+            }  # fmt: skip
+            if run.flops_per_token and run.peak_tflops:  # per device: each rank's tokens against its own peak
+                row["train/mfu"] = interval_tokens / fabric.world_size / seconds * run.flops_per_token / (run.peak_tflops * 1e12)
+            fabric.log_dict(row, step=numbers.step)
+            if run.metrics is not None:
+                run.metrics.log(row, numbers.step)
+        since.update(step=numbers.step, clock=numbers.clock, event=numbers.done, tokens=since["tokens"] + interval_tokens)
+        bar.set_postfix(loss=f"{means['loss']:.4f}", tok_s=f"{since['tokens'] / max(numbers.clock, 1e-9):.0f}")
+
+    def read_unread() -> None:
+        nonlocal unread
+        if unread is not None:
+            numbers, unread = unread, None
+            read(numbers)
+
+    def restart_interval() -> None:
+        """After work that is not training (an evaluation, a checkpoint): the next interval starts
+        with the next step."""
+        read_unread()
+        since.update(step=state.global_step, clock=train_seconds, event=None)
+
+    if run.taskpool.at_start and state.global_step == 0:
+        evaluate()
     model.train()
     while state.global_step < total_steps:
         step_in_epoch = math.ceil(state.batches_in_epoch / method.accumulate_grad_batches)
@@ -455,18 +567,24 @@ def fit(run: Run, state: TrainState, batches_per_epoch: int) -> RunResult:
         exhausted = False
         while state.global_step < total_steps and step_in_epoch < steps_per_epoch:
             started = time.perf_counter()
+            if since["event"] is None and fabric.device.type == "cuda" and since["step"] == state.global_step:
+                since["event"] = torch.cuda.Event(enable_timing=True)
+                since["event"].record()
             micro_batches = list(islice(batches, method.accumulate_grad_batches))
             if not micro_batches:
                 exhausted = True
                 break
             n_micro = len(micro_batches)
+            if method.generates_before_step:  # never generate from weights a non-finite loss broke
+                read_unread()
             micro_batches = method.before_step(model, run.frozen, micro_batches, state.global_step)
-            read = reads_this_step(state.global_step + 1, step_in_epoch + 1)
-            totals: dict[str, float] = {}  # the step's metric sums over every update (read steps only)
-            step_counts, grad_norms = torch.zeros_like(seen), []
+            step = state.global_step + 1
+            logged = step % run.log_every_n_steps == 0 or step == total_steps
+            keeps = keeps_something(step, step_in_epoch + 1)
+            numbers = StepNumbers(step, state.epoch, logged=logged) if logged or keeps else None
+            step_counts = torch.zeros_like(seen)
             # One optimizer step per update; a method that reuses what it generated (PPO) makes several.
-            updates = method.updates(micro_batches, state.global_step)
-            for update_index, update in enumerate(updates):
+            for update_index, update in enumerate(method.updates(micro_batches, state.global_step)):
                 # Weight every unit equally across micro-batches and ranks, so k accumulated
                 # micro-batches give the gradient of one batch holding them all.
                 counts = _on_device([sum(_tokens(b) for b in update), sum(method.loss_units(b) for b in update)], fabric.device)
@@ -479,27 +597,17 @@ def fit(run: Run, state: TrainState, batches_per_epoch: int) -> RunResult:
                         # DDP averages gradients over ranks; scale back to a sum over all units.
                         fabric.backward(out.loss * fabric.world_size / units)
                     for key, value in {"loss": out.loss, **out.metrics}.items():
-                        value = torch.as_tensor(value).detach()
+                        value = value.detach() if isinstance(value, torch.Tensor) else value
                         sums[key] = sums[key] + value if key in sums else value
-                step_counts += counts
-                if read:  # the one wait for the device per update: one collective for the metrics
-                    reduced = dict(zip(sums, fabric.all_reduce(_on_device(sums.values(), fabric.device), reduce_op="sum").tolist()))
-                    loss = reduced["loss"] / max(counts[1].item(), 1)
-                    if not math.isfinite(loss):
-                        where = f"the last good checkpoint is {checkpoints / (checkpoints / 'latest').read_text().strip()}" if (checkpoints / "latest").exists() else "no checkpoint had been written yet"
-                        unread = "" if last_read_step == state.global_step else (
-                            f" (the loss is read every log_every_n_steps={run.log_every_n_steps} steps: it may have "
-                            f"turned after step {last_read_step})")
-                        which = f" (update {update_index + 1} of {len(updates)})" if len(updates) > 1 else ""
-                        raise TunelabError(
-                            f"The training loss became {loss} at step {state.global_step + 1}{which} (epoch {state.epoch}){unread}; the run "
-                            f"stopped before applying that update, and {where}. Lower method.optimizer.lr, set "
-                            "method.gradient_clip_val=1.0, or check the data for broken examples."
-                        )
-                    totals = {key: totals.get(key, 0.0) + value for key, value in reduced.items()}
-                grad_norms.append(_clip_gradients(fabric, model, optimizer, method))
+                grad_norm = _clip_gradients(fabric, model, optimizer, method)
+                if numbers is not None:  # one collective for the update's metrics
+                    numbers.keys.append(list(sums))
+                    numbers.sums.append(fabric.all_reduce(_on_device(sums.values(), fabric.device), reduce_op="sum"))
+                    numbers.units.append(counts[1:])
+                    numbers.grad_norms.append(grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                step_counts += counts
                 updates_done = state.global_step * method.updates_per_step() + update_index + 1
                 if run.scheduler is not None and method.lr_scheduler_interval == "step" and updates_done % method.lr_scheduler_frequency == 0:
                     run.scheduler.step()
@@ -508,41 +616,30 @@ def fit(run: Run, state: TrainState, batches_per_epoch: int) -> RunResult:
             state.global_step += 1
             state.batches_in_epoch += n_micro
             step_in_epoch += 1
-            if read:
-                tokens, n_units = step_counts.tolist()
-                means = {key: value / max(n_units, 1) for key, value in totals.items()}
-                loss, grad_norm = means["loss"], float(sum(grad_norms)) / len(grad_norms)
-            elapsed = time.perf_counter() - started
-            train_seconds, interval_seconds = train_seconds + elapsed, interval_seconds + elapsed
-            if read:
-                if state.global_step % run.log_every_n_steps == 0 or state.global_step == total_steps:
-                    interval_tokens, interval_units = since_read.tolist()
-                    values = {
-                        **{f"train/{key}": value for key, value in means.items()}, "train/lr": optimizer.param_groups[0]["lr"],
-                        "train/grad_norm": grad_norm, "train/tokens_per_s": interval_tokens / interval_seconds,
-                        "train/supervised_tokens_per_s": interval_units / interval_seconds,
-                        "train/tokens": tokens, "train/supervised_tokens": n_units,
-                        "train/step_seconds": interval_seconds / (state.global_step - last_read_step), "train/epoch": state.epoch,
-                    }  # fmt: skip
-                    if run.flops_per_token and run.peak_tflops:  # per device: each rank's tokens against its own peak
-                        values["train/mfu"] = interval_tokens / fabric.world_size / interval_seconds * run.flops_per_token / (run.peak_tflops * 1e12)
-                    fabric.log_dict(values, step=state.global_step)
-                    if run.metrics is not None:
-                        run.metrics.log(values, state.global_step)
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{seen[0].item() / train_seconds:.0f}")
-                last_read_step, interval_seconds = state.global_step, 0.0
-                since_read.zero_()
+            if numbers is not None:
+                numbers.lr, numbers.clock = optimizer.param_groups[0]["lr"], train_seconds + time.perf_counter() - started
+                numbers.send(step_counts, since_read, fabric.device)
+                since_read = torch.zeros_like(seen)
+            read_unread()  # the previous step's numbers: this step's work is queued behind them
+            unread = numbers
+            if keeps:
+                read_unread()
+            train_seconds += time.perf_counter() - started
             bar.update(1)
             if run.taskpool.every_n_steps and state.global_step % run.taskpool.every_n_steps == 0 and state.global_step < total_steps:
                 evaluate()
+                restart_interval()
             if method.checkpoint_save_interval == "step" and state.global_step % method.checkpoint_save_frequency == 0:
                 result.final_checkpoint = checkpoint()
+                restart_interval()
+        read_unread()  # an epoch that ran out of batches early
         if exhausted or step_in_epoch >= steps_per_epoch:
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
             if run.scheduler is not None and method.lr_scheduler_interval == "epoch" and state.epoch % method.lr_scheduler_frequency == 0:
                 run.scheduler.step()
             if method.checkpoint_save_interval == "epoch" and state.epoch % method.checkpoint_save_frequency == 0:
                 result.final_checkpoint = checkpoint()
+            restart_interval()
     bar.close()
     evaluate()
     if last_saved_step != state.global_step:

@@ -99,9 +99,13 @@ def chunked_causal_lm_loss(model: torch.nn.Module, batch: dict, chunk_rows: int 
     """The same loss as ``causal_lm_loss``, with the output head applied only where the next token
     is supervised and in chunks of rows (``models.kernels.linear_cross_entropy``)."""
     hidden, dtype = final_hidden_states(model, batch)
+    weight = _unwrap(model).get_output_embeddings().weight
+    index = batch.get("supervised_index")  # from the collator: selecting with it never waits for the device
+    if index is not None:
+        rows, targets = hidden.flatten(0, 1).index_select(0, index), batch["labels"].flatten().index_select(0, index + 1)
+        return LossResult(linear_cross_entropy(rows, weight, targets, chunk_rows=chunk_rows, compute_dtype=dtype), index.numel(), {})
     targets = batch["labels"][:, 1:]
     supervised = targets != IGNORE_INDEX
-    weight = _unwrap(model).get_output_embeddings().weight
     loss = linear_cross_entropy(hidden[:, :-1][supervised], weight, targets[supervised], chunk_rows=chunk_rows, compute_dtype=dtype)
     return LossResult(loss, supervised.sum(), {})
 
@@ -220,10 +224,11 @@ class FullFinetuneSFT(Method):
         metrics = {**result.metrics, "task_loss": result.loss.detach(), "ewc_penalty": weighted.detach()}
         return LossResult(result.loss + weighted, result.units, metrics)
 
-    def loss_units(self, batch: dict) -> torch.Tensor:
+    def loss_units(self, batch: dict) -> int | torch.Tensor:
         """What ``loss`` sums over (supervised tokens), counted before the forward pass so the
-        engine can weight accumulated micro-batches."""
-        return supervised_token_count(batch)
+        engine can weight accumulated micro-batches: the collator's count when it made one."""
+        index = batch.get("supervised_index")
+        return index.numel() if index is not None else supervised_token_count(batch)
 
     def estimate(self, model: torch.nn.Module, train_set, device, precision: str, steps: int):
         """Memory and time before the first step, from a sample of the tokenized examples."""

@@ -13,7 +13,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
 
@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class OnlinePolicyOptimization(FullFinetuneSFT):
     """The options and steps GRPO and PPO share (not a method of its own)."""
+
+    generates_before_step: ClassVar[bool] = True
 
     max_prompt_length: int = 512
     """Longest prompt in tokens; longer prompts keep their last tokens (data.overlong=drop drops them)."""
