@@ -118,7 +118,18 @@ def _attach_adapter(model, folder: Path):
         )
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, folder)
+    try:
+        return PeftModel.from_pretrained(model, folder)
+    except RuntimeError as error:
+        mismatches = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
+        if not mismatches:
+            raise
+        base = getattr(model.config, "_name_or_path", "") or "the base model"
+        raise TunelabError(
+            f"The adapter '{folder}' does not fit {base}: {len(mismatches)} of its weights have other shapes, e.g. "
+            f"{mismatches[0].rstrip('.')}. It was trained on a different base; give the base it was trained from "
+            "(its adapter_config.json names it as base_model_name_or_path)."
+        ) from None
 
 
 def load_eval_model(spec: str, adapter: str | None = None, tokenizer: str | None = None, dtype: str = "float32", device: str | None = None, api_key: str | None = None):
