@@ -52,7 +52,7 @@ def test_merged_folder_reloads_with_transformers_and_matches_the_adapter_model(b
     from tunelab.deploy.export import export_merged
 
     base, adapter = base_and_adapter
-    result = export_merged(str(base), tmp_path / "merged", adapter=str(adapter))
+    result = export_merged(str(adapter), tmp_path / "merged", base=str(base))
     assert result.passed and result.path == tmp_path / "merged"
     report = result.verification
     assert report["max_logit_difference"] < 1e-4 and report["greedy_identical"] == report["greedy_prompts"] == 8
@@ -75,7 +75,7 @@ def test_lower_precision_exports_are_judged_by_their_own_tolerance(base_and_adap
     from tunelab.deploy.export import export_merged
 
     base, adapter = base_and_adapter
-    result = export_merged(str(base), tmp_path / dtype, adapter=str(adapter), dtype=dtype)
+    result = export_merged(str(adapter), tmp_path / dtype, base=str(base), dtype=dtype)
     assert result.passed, result.verification
     assert 0 < result.verification["max_logit_difference"] <= result.verification["tolerance"]["max_logit_difference"]
     with safe_open(tmp_path / dtype / "model.safetensors", "pt") as f:
@@ -95,7 +95,7 @@ def test_a_corrupted_export_fails_verification_and_is_kept_aside(base_and_adapte
         return merged
 
     monkeypatch.setattr(export, "merge", merge_then_break)
-    result = export.export_merged(str(base), tmp_path / "merged", adapter=str(adapter))
+    result = export.export_merged(str(adapter), tmp_path / "merged", base=str(base))
     assert not result.passed
     assert not (tmp_path / "merged").exists() and result.path == tmp_path / "merged.unverified"
     assert json.loads((result.path / "export.json").read_text())["passed"] is False
@@ -108,8 +108,8 @@ def test_bad_inputs_are_refused_and_leave_nothing_at_the_output(base_and_adapter
     base, adapter = base_and_adapter
     (tmp_path / "taken").mkdir()
     with pytest.raises(UsageError, match="already exists.*--overwrite"):
-        export_merged(str(base), tmp_path / "taken", adapter=str(adapter))
-    with pytest.raises(TunelabError, match="adapter without the config.yaml of a tunelab run, so its base is unknown"):
+        export_merged(str(adapter), tmp_path / "taken", base=str(base))
+    with pytest.raises(TunelabError, match="adapter without the config.yaml of a tunelab run, so its base is unknown.*--base"):
         export_merged(str(adapter), tmp_path / "orphan")
     other = tmp_path / "other-base"
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -117,6 +117,6 @@ def test_bad_inputs_are_refused_and_leave_nothing_at_the_output(base_and_adapter
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **{**TINY_LLAMA, "hidden_size": 96, "num_attention_heads": 4})).save_pretrained(other)
     tokenizer.save_pretrained(other)
     with pytest.raises(TunelabError, match="(?i)shape|size mismatch"):
-        export_merged(str(other), tmp_path / "mismatch", adapter=str(adapter))
+        export_merged(str(adapter), tmp_path / "mismatch", base=str(other))
     assert not (tmp_path / "orphan").exists() and not (tmp_path / "mismatch").exists()
     assert not list(tmp_path.glob(".*partial*"))

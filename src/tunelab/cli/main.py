@@ -88,6 +88,9 @@ def cmd_train(argv: list[str]) -> int:
             print(f"  {key}: {result.evaluations[first].get(key, float('nan')):.4f} (step {first}) -> "
                   f"{result.evaluations[last][key]:.4f} (step {last})")
     print(f"  checkpoint: {result.final_checkpoint}")
+    for export in result.exports:
+        verdict = "verified" if export["passed"] else ("FAILED: " + export["error"] if "error" in export else "FAILED verification")
+        print(f"  export {export['target']}: {export.get('path', '-')} ({verdict})")
     print(f"  metrics:    {result.metrics_csv}")
     if result.loss_curve:
         print(f"  loss curve: {result.loss_curve}")
@@ -119,16 +122,23 @@ def cmd_eval(argv: list[str]) -> int:
     return run(argv)
 
 
-COMMANDS = {"train": cmd_train, "data": cmd_data, "eval": cmd_eval, "demo": cmd_demo}
+def cmd_export(argv: list[str]) -> int:
+    from tunelab.cli.export import cmd_export as run
+
+    return run(argv)
+
+
+COMMANDS = {"train": cmd_train, "data": cmd_data, "eval": cmd_eval, "export": cmd_export, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(
-            "usage: tunelab {train,data,eval,demo} ...\n\n  train   fine-tune a model (tunelab train --help)\n"
+            "usage: tunelab {train,data,eval,export,demo} ...\n\n  train   fine-tune a model (tunelab train --help)\n"
             "  data    inspect, validate, clean and prepare data files (tunelab data --help)\n"
             "  eval    perplexity, generation metrics, base-vs-tuned reports, human rating, A/B tests (tunelab eval --help)\n"
+            "  export  merged transformers folders and GGUF files (models and LoRA adapters), verified (tunelab export --help)\n"
             "  demo    fine-tune SmolLM2-135M on GSM8K problems shipped with tunelab"
         )
         return 0 if not argv or argv[0] in ("-h", "--help") else 2

@@ -85,13 +85,23 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def load_source(source: str, adapter: str | None = None):
+def load_source(source: str, base: str | None = None):
     """The model an export starts from, as ``tunelab eval`` resolves it: a run folder, a checkpoint,
-    an adapter folder of a tunelab run, a model folder (``adapter`` on top), a shipped pool name.
-    Returns a ``LocalModel`` on the CPU in float32."""
-    from tunelab.evaluation.models import load_eval_model
+    an adapter folder of a tunelab run (its config names the base), a model folder, a shipped pool
+    name; or a peft adapter folder ``source`` on the model ``base``. Returns a ``LocalModel`` on the
+    CPU in float32."""
+    from tunelab.evaluation.models import _adapter_folder as is_adapter, load_eval_model
 
-    return load_eval_model(source, adapter=adapter, dtype="float32", device="cpu")
+    if base:
+        return load_eval_model(base, adapter=source, dtype="float32", device="cpu")
+    path = Path(source)
+    if path.is_dir() and is_adapter(path) and not (path / "config.yaml").is_file():
+        named = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") if (path / "adapter_config.json").is_file() else None
+        raise UsageError(
+            f"'{source}' is an adapter without the config.yaml of a tunelab run, so its base is unknown: give the model it was "
+            f"trained on with --base MODEL (a model folder, .gguf or shipped pool name){f'; its adapter_config.json names {named!r}' if named else ''}."
+        )
+    return load_eval_model(source, dtype="float32", device="cpu")
 
 
 def is_adapter_model(model) -> bool:
@@ -117,7 +127,7 @@ def merge(model) -> torch.nn.Module:
     return copy.deepcopy(model).merge_and_unload()
 
 
-def export_merged(source: str, out: str | Path, adapter: str | None = None, dtype: str = "float32", verify: bool = True,
+def export_merged(source: str, out: str | Path, base: str | None = None, dtype: str = "float32", verify: bool = True,
                   verify_data: str | None = None, verify_start: int | None = None, verify_limit: int | None = None,
                   overwrite: bool = False) -> ExportResult:  # fmt: skip
     """Merge ``source``'s adapter into its base and save a transformers folder at ``out``."""
@@ -125,7 +135,7 @@ def export_merged(source: str, out: str | Path, adapter: str | None = None, dtyp
         raise UsageError(f"--dtype {dtype} is not one of: {', '.join(DTYPES)}.")
     out = Path(out)
     check_output(out, overwrite)
-    loaded = load_source(source, adapter)
+    loaded = load_source(source, base)
     merged = merge(loaded.model).to(DTYPES[dtype])
     with staged(out, overwrite) as temporary:
         merged.save_pretrained(temporary, safe_serialization=True)
@@ -190,7 +200,7 @@ def llama_cpp_check(source, gguf_file: Path, texts, number_format: str, adapter:
     return check
 
 
-def export_gguf(source: str, out: str | Path, number_format: str = "f16", adapter: str | None = None, verify: bool = True,
+def export_gguf(source: str, out: str | Path, number_format: str = "f16", base: str | None = None, verify: bool = True,
                 verify_data: str | None = None, verify_start: int | None = None, verify_limit: int | None = None,
                 llama_cpp: bool | None = None, overwrite: bool = False) -> ExportResult:  # fmt: skip
     """``source`` (with its adapter merged, if it has one) as one GGUF file at ``out``, verified with
@@ -204,7 +214,7 @@ def export_gguf(source: str, out: str | Path, number_format: str = "f16", adapte
         raise UsageError(f"--type {number_format} is not one tunelab writes; choose one of: {', '.join(NUMBER_FORMATS)}.")
     out = Path(out)
     check_output(out, overwrite)
-    loaded = load_source(source, adapter)
+    loaded = load_source(source, base)
     check_architecture(loaded.model.config, f"'{source}'")
     if llama_cpp:
         from tunelab.deploy.llama_cpp import available
@@ -244,23 +254,22 @@ def _sidecar(result: ExportResult) -> Path:
     return path
 
 
-def _adapter_folder(source: str, adapter: str | None) -> Path:
+def _adapter_folder(source: str) -> Path:
     from tunelab.evaluation.models import _adapter_folder as is_adapter, _run_checkpoint
 
-    if adapter:
-        return Path(adapter)
     path = Path(source)
     checkpoint = (_run_checkpoint(path) or path) if path.is_dir() else path
     if not is_adapter(checkpoint):
-        raise UsageError(f"--adapter export needs an adapter: '{source}' is not a run or checkpoint whose weights are a peft adapter. "
-                         "Give the adapter folder (with its base as the source), or export the whole model without --adapter-file.")  # fmt: skip
+        raise UsageError(f"--adapter writes a LoRA adapter as a llama.cpp adapter file, but '{source}' is not an adapter folder, nor a "
+                         "run or checkpoint whose weights are one. Drop --adapter to export the whole model.")  # fmt: skip
     return checkpoint
 
 
-def export_adapter_gguf(source: str, out: str | Path, adapter: str | None = None, number_format: str = "f32", base_gguf: str | None = None,
+def export_adapter_gguf(source: str, out: str | Path, base: str | None = None, number_format: str = "f32", base_gguf: str | None = None,
                         verify: bool = True, verify_data: str | None = None, verify_start: int | None = None,
                         verify_limit: int | None = None, overwrite: bool = False) -> ExportResult:  # fmt: skip
-    """A LoRA adapter (``source`` a tunelab run or checkpoint holding one, or a base with ``adapter``)
+    """A LoRA adapter (``source``: an adapter folder, or a tunelab run or checkpoint holding one; ``base``
+    for a peft adapter that is not from a tunelab run)
     as a GGUF adapter file for llama.cpp (``--lora OUT``). Verified with llama.cpp on the base's GGUF
     (``base_gguf``, or the base written to a temporary f32 GGUF) against base + adapter in
     transformers."""
@@ -270,8 +279,8 @@ def export_adapter_gguf(source: str, out: str | Path, adapter: str | None = None
 
     out = Path(out)
     check_output(out, overwrite)
-    folder = _adapter_folder(source, adapter)
-    loaded = load_source(source, adapter)
+    folder = _adapter_folder(source)
+    loaded = load_source(source, base)
     if not is_adapter_model(loaded.model):
         raise UsageError(f"'{folder}' did not load as a peft adapter; a llama.cpp adapter file is written from a LoRA adapter.")
     result = ExportResult("gguf-adapter", out, loaded.name, number_format)
@@ -301,3 +310,52 @@ def export_adapter_gguf(source: str, out: str | Path, adapter: str | None = None
         result.path = place(temporary, out, result.passed)
     _sidecar(result)
     return result
+
+
+# ----------------------------------------------------------------------------- at the end of training
+def _parse_target(target: str) -> tuple[str, str]:
+    kind, _, option = str(target).partition(":")
+    return kind, option
+
+
+def check_export_targets(targets: list, save_ckpt_type: str) -> None:
+    """``method.export`` before anything loads: known targets, and checkpoints an export can read."""
+    from tunelab.deploy.gguf import NUMBER_FORMATS
+
+    for target in targets:
+        kind, option = _parse_target(target)
+        ok = (kind == "merged" and option in ("", *DTYPES)) or (kind == "gguf" and option in ("", *NUMBER_FORMATS)) or (
+            kind == "adapter-gguf" and option in ("", "f32", "f16", "bf16"))  # fmt: skip
+        if not ok:
+            raise UsageError(
+                f"method.export: '{target}' is not an export; use merged (merged:bfloat16, merged:float16), gguf (gguf:q8_0, "
+                f"gguf:{'|'.join(NUMBER_FORMATS)}) or adapter-gguf, e.g. method.export=[merged,gguf:q8_0]."
+            )
+    if save_ckpt_type == "lightning":
+        raise UsageError(
+            "method.export reads the final checkpoint as transformers or peft save it; set method.save_ckpt_type=hf "
+            "(full fine-tuning) or method.save_ckpt_type=peft (adapters)."
+        )
+
+
+def export_after_training(checkpoint: Path, folder: Path, targets: list) -> list[dict]:
+    """``method.export``: each target exported from the run's final checkpoint into ``folder`` and
+    verified on the shipped texts; the reports, in order. A failed export is reported, not raised:
+    the training it follows is finished and kept."""
+    reports = []
+    for target in targets:
+        kind, option = _parse_target(target)
+        try:
+            if kind == "merged":
+                result = export_merged(str(checkpoint), folder / ("merged" + (f"-{option}" if option else "")), dtype=option or "float32", overwrite=True)
+            elif kind == "gguf":
+                result = export_gguf(str(checkpoint), folder / f"model-{option or 'f16'}.gguf", option or "f16", overwrite=True)
+            else:
+                result = export_adapter_gguf(str(checkpoint), folder / f"adapter-{option or 'f32'}.gguf", number_format=option or "f32", overwrite=True)
+        except TunelabError as error:
+            log.error("method.export %s failed: %s", target, error)
+            reports.append({"target": target, "passed": False, "error": str(error)})
+            continue
+        (log.info if result.passed else log.error)("method.export %s: %s at %s", target, "verified" if result.passed else "FAILED verification", result.path)
+        reports.append({"target": target} | result.as_dict())
+    return reports

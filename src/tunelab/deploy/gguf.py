@@ -58,7 +58,8 @@ def rope_permute(weight: np.ndarray, heads: int) -> np.ndarray:
 
 def check_architecture(config, what: str) -> None:
     architectures = list(getattr(config, "architectures", None) or [])
-    if not architectures or architectures[0] not in SUPPORTED_ARCHITECTURES:
+    known = architectures[0] in SUPPORTED_ARCHITECTURES if architectures else getattr(config, "model_type", None) == "llama"
+    if not known:
         found = architectures[0] if architectures else getattr(config, "model_type", "unknown")
         raise TunelabError(
             f"{what} is a {found}; tunelab writes GGUF for {', '.join(SUPPORTED_ARCHITECTURES)} (the Llama family: SmolLM, "

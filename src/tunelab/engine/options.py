@@ -37,6 +37,10 @@ class TrainingOptions:
     save_ckpt_type: Literal["lightning", "hf"] = "lightning"
     ckpt_path: Optional[str] = None
     """Resume from this checkpoint folder."""
+    export: list = field(default_factory=list)
+    """After training, export the final checkpoint, verified, into OUTPUT_DIR/export: ``merged``
+    (``merged:bfloat16``, ``merged:float16``), ``gguf`` (f16; ``gguf:q8_0``, ...), ``adapter-gguf``
+    (a LoRA adapter as a llama.cpp adapter file). The reports go into summary.json."""
 
     def check(self) -> None:
         """Raise on option combinations that cannot run."""
@@ -54,6 +58,10 @@ class TrainingOptions:
                 raise TunelabError(f"method.{name}={getattr(self, name)} must be at least 1.")
         if int(self.dataloader_kwargs.get("batch_size", 1)) < 1:
             raise TunelabError("method.dataloader_kwargs.batch_size must be at least 1.")
+        if self.export:
+            from tunelab.deploy.export import check_export_targets
+
+            check_export_targets(list(self.export), self.save_ckpt_type)
 
     def examples_per_batch(self, batch_size: int) -> int:
         """Dataset items in a batch of ``batch_size`` sequences (a preference pair holds two)."""

@@ -50,6 +50,7 @@ class RunResult:
     is_global_zero: bool = True
     loss_unit: str = "token"  # what supervised_tokens_per_s counts: supervised tokens, or pairs
     estimate: dict = field(default_factory=dict)  # the memory/time estimate and what was measured
+    exports: list = field(default_factory=list)  # method.export: each export's report
 
 
 @dataclass
@@ -339,6 +340,11 @@ def train(cfg: DictConfig) -> RunResult:
             "heldout_by_source": heldout_by_source(result.evaluations, mixture),
         }  # fmt: skip
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+        if method.export:  # after the summary: an export reads the run's final checkpoint through it
+            from tunelab.deploy.export import export_after_training
+
+            summary["exports"] = result.exports = export_after_training(result.final_checkpoint, out / "export", list(method.export))
+            atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return result
 
 

@@ -86,6 +86,11 @@ class BradleyTerryRewardModeling(Method):
     loss_unit: ClassVar[str] = "pair"
 
     def check(self) -> None:
+        if self.export:
+            raise TunelabError(
+                "method.export writes causal language models (merged folders, GGUF); a reward model is a sequence classifier. "
+                "Use method.merge_and_unload=true for a merged reward model, and drop method.export."
+            )
         super().check()
         check_pair_batch_size(self.dataloader_kwargs, "a reward-model", example=2)
         if self.save_ckpt_type == "peft" and not self.peft_config:
