@@ -38,20 +38,30 @@ def lora_adapter(base_folder, out, **options):
     return out
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
-def base_and_adapter(request, tmp_path_factory, tokenizer):
+def _pair(tmp_path_factory, tokenizer, tied: bool):
     root = tmp_path_factory.mktemp("export-merge")
-    tiny_folder(root / "base", tokenizer, tied=request.param)
+    tiny_folder(root / "base", tokenizer, tied=tied)
     return root / "base", lora_adapter(root / "base", root / "adapter")
 
 
-def test_merged_folder_reloads_with_transformers_and_matches_the_adapter_model(base_and_adapter, tmp_path):
+@pytest.fixture(scope="module")
+def base_and_adapter(tmp_path_factory, tokenizer):
+    return _pair(tmp_path_factory, tokenizer, tied=True)
+
+
+@pytest.fixture(scope="module")
+def untied_base_and_adapter(tmp_path_factory, tokenizer):
+    return _pair(tmp_path_factory, tokenizer, tied=False)
+
+
+@pytest.mark.parametrize("pair", ["base_and_adapter", "untied_base_and_adapter"], ids=["tied", "untied"])
+def test_merged_folder_reloads_with_transformers_and_matches_the_adapter_model(request, pair, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunelab.deploy.export import export_merged
 
-    base, adapter = base_and_adapter
+    base, adapter = request.getfixturevalue(pair)
     result = export_merged(str(adapter), tmp_path / "merged", base=str(base))
     assert result.passed and result.path == tmp_path / "merged"
     report = result.verification
