@@ -55,6 +55,10 @@ class LlamaCppScorer:
         params.embedding = True
         params.pooling_type = xllamacpp.llama_pooling_type.LLAMA_POOLING_TYPE_NONE
         params.verbosity = -1
+        # The key/value cache in float32 and attention without flash (whose CPU path works in float16):
+        # llama.cpp's defaults, kept for serving, cost an f32 file about 0.04 in SmolLM2's logits.
+        params.cache_type_k = params.cache_type_v = xllamacpp.ggml_type.GGML_TYPE_F32
+        params.flash_attn_type = xllamacpp.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.hostnames = ["127.0.0.1"]
         if adapter is not None:
             lora = xllamacpp.CommonAdapterLoraInfo()
