@@ -46,6 +46,8 @@ def _report(result, json_path: str | None) -> int:
     for name, check in result.checks.items():
         if name == "written":
             print(f"  written: {json.dumps(check)}")
+        elif name == "base":
+            print(f"  base: {check['quantization']}, dequantized before merging; judged at {check['judged_as']} precision")
         elif "skipped" in check:
             print(f"  {name}: not checked ({check['skipped']})")
         elif "max_logit_difference" in check:

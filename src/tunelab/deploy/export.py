@@ -127,6 +127,86 @@ def merge(model) -> torch.nn.Module:
     return copy.deepcopy(model).merge_and_unload()
 
 
+def quantized_run(source: str):
+    """(the base's model pool with its quantization, the adapter folder) when ``source`` is a tunelab
+    run or checkpoint of an adapter trained on a quantized base (QLoRA, 8-bit); else None."""
+    from omegaconf import OmegaConf
+
+    from tunelab.config import instantiate
+    from tunelab.evaluation.models import _adapter_folder as is_adapter, _run_checkpoint
+
+    path = Path(source)
+    if not path.is_dir():
+        return None
+    checkpoint = _run_checkpoint(path) or path
+    config = checkpoint / "config.yaml"
+    if not (is_adapter(checkpoint) and config.is_file()):
+        return None
+    pool = OmegaConf.load(config).get("modelpool")
+    if pool is None or not pool.get("quantization"):
+        return None
+    return instantiate(OmegaConf.to_container(pool, resolve=False)), checkpoint
+
+
+def load_quantized_source(pool, adapter: Path):
+    """The model as it was trained: the quantized base with the adapter on it (on the CPU)."""
+    from peft import PeftModel
+
+    from tunelab.evaluation.models import LocalModel
+
+    tokenizer = pool.load_tokenizer()
+    base = pool.load_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    return LocalModel(PeftModel.from_pretrained(base, adapter).eval(), tokenizer, f"{adapter} (on the {pool.quantization} base)", device="cpu")
+
+
+def dequantized_merge(quantized, pool, adapter: Path) -> torch.nn.Module:
+    """QLoRA: the base's quantized weights dequantized into a full-precision copy of the model,
+    the adapter put on that copy and merged, so the merged model is what was trained (the
+    quantized base plus the adapter), not the adapter on weights it never saw."""
+    import bitsandbytes as bnb
+    from peft import PeftModel
+
+    full_pool = copy.copy(pool)
+    full_pool.quantization = None
+    tokenizer = pool.load_tokenizer()
+    torch.manual_seed(0)
+    full = full_pool.load_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    modules = dict(full.named_modules())
+    replaced = 0
+    for name, module in quantized.get_base_model().named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, bnb.nn.Linear4bit):
+            values = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            values = bnb.functional.int8_vectorwise_dequant(weight.data, weight.SCB)
+        else:
+            continue
+        target = modules[name.removeprefix("base_model.model.").removesuffix(".base_layer")]  # peft wraps each adapted layer
+        with torch.no_grad():
+            target.weight.copy_(values.to(target.weight.dtype).reshape(target.weight.shape))
+        replaced += 1
+    if not replaced:
+        raise TunelabError(f"'{adapter}' was trained on a {pool.quantization} base, but no quantized layer was found to dequantize.")
+    log.info("Dequantized %d %s layers of the base; merging the adapter into them", replaced, pool.quantization)
+    return PeftModel.from_pretrained(full, adapter).merge_and_unload()
+
+
+def source_and_merged(source: str, base: str | None):
+    """(the source as it was trained, its merged copy, the quantized pool and adapter or None)."""
+    quantized = None if base else quantized_run(source)
+    if quantized is not None:  # QLoRA: compared with what was trained, merged into the dequantized base
+        loaded = load_quantized_source(*quantized)
+        return loaded, dequantized_merge(loaded.model, *quantized), quantized
+    loaded = load_source(source, base)
+    return loaded, merge(loaded.model), None
+
+
+def judged_as(number_format: str, quantized) -> str:
+    """A quantized source computes in bfloat16 (QLoRA's compute type): an export of it in a finer
+    format is judged at bfloat16's tolerance."""
+    return "bfloat16" if quantized is not None and number_format in ("float32", "float16", "f32", "f16") else number_format
+
+
 def export_merged(source: str, out: str | Path, base: str | None = None, dtype: str = "float32", verify: bool = True,
                   verify_data: str | None = None, verify_start: int | None = None, verify_limit: int | None = None,
                   overwrite: bool = False) -> ExportResult:  # fmt: skip
@@ -135,13 +215,16 @@ def export_merged(source: str, out: str | Path, base: str | None = None, dtype: 
         raise UsageError(f"--dtype {dtype} is not one of: {', '.join(DTYPES)}.")
     out = Path(out)
     check_output(out, overwrite)
-    loaded = load_source(source, base)
-    merged = merge(loaded.model).to(DTYPES[dtype])
+    loaded, merged, quantized = source_and_merged(source, base)
+    merged = merged.to(DTYPES[dtype])
+    number_format = judged_as(dtype, quantized)
     with staged(out, overwrite) as temporary:
         merged.save_pretrained(temporary, safe_serialization=True)
         loaded.tokenizer.save_pretrained(temporary)
         del merged
         result = ExportResult("merged", out, loaded.name, dtype)
+        if quantized is not None:
+            result.checks["base"] = {"quantization": quantized[0].quantization, "merged_into": "the dequantized base", "judged_as": number_format}
         if verify:
             from transformers import AutoModelForCausalLM
 
@@ -151,7 +234,7 @@ def export_merged(source: str, out: str | Path, base: str | None = None, dtype: 
             exported = AutoModelForCausalLM.from_pretrained(temporary, dtype=torch.float32)
             report = run_verification(
                 TransformersScorer(loaded.model, loaded.name, loaded.eos_token_ids), TransformersScorer(exported, str(out), loaded.eos_token_ids),
-                texts, dtype,
+                texts, number_format,
             )  # fmt: skip
             result.verification = report.as_dict()
             log.info("%s", report.summary())
@@ -214,7 +297,7 @@ def export_gguf(source: str, out: str | Path, number_format: str = "f16", base: 
         raise UsageError(f"--type {number_format} is not one tunelab writes; choose one of: {', '.join(NUMBER_FORMATS)}.")
     out = Path(out)
     check_output(out, overwrite)
-    loaded = load_source(source, base)
+    loaded, merged, quantized = source_and_merged(source, base)
     check_architecture(loaded.model.config, f"'{source}'")
     if llama_cpp:
         from tunelab.deploy.llama_cpp import available
@@ -223,7 +306,6 @@ def export_gguf(source: str, out: str | Path, number_format: str = "f16", base: 
             raise UsageError(f"--llama-cpp asks for verification with llama.cpp, but {available()}.")
     result = ExportResult("gguf", out, loaded.name, number_format)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.merged-") as merged_dir, staged(out, overwrite) as temporary:
-        merged = merge(loaded.model)
         merged.save_pretrained(merged_dir, safe_serialization=True)
         loaded.tokenizer.save_pretrained(merged_dir)
         del merged
@@ -236,12 +318,13 @@ def export_gguf(source: str, out: str | Path, number_format: str = "f16", base: 
             texts = verification_texts(loaded.tokenizer, verify_data, verify_start, verify_limit)
             source_scorer = _source_scorer(loaded)
             reread = AutoModelForCausalLM.from_pretrained(str(temporary.parent), gguf_file=temporary.name, dtype=torch.float32)
-            report = run_verification(source_scorer, TransformersScorer(reread, f"{out} (transformers' GGUF loader)", loaded.eos_token_ids), texts, number_format)
+            judged = judged_as(number_format, quantized)
+            report = run_verification(source_scorer, TransformersScorer(reread, f"{out} (transformers' GGUF loader)", loaded.eos_token_ids), texts, judged)
             log.info("transformers' GGUF loader: %s", report.summary())
             result.verification = report.as_dict()
             del reread
             if llama_cpp is not False:
-                result.checks["llama_cpp"] = llama_cpp_check(source_scorer, temporary, texts, number_format, name=f"{out} (llama.cpp)", tokenizer=loaded.tokenizer)
+                result.checks["llama_cpp"] = llama_cpp_check(source_scorer, temporary, texts, judged, name=f"{out} (llama.cpp)", tokenizer=loaded.tokenizer)
         result.path = place(temporary, out, result.passed)
     _sidecar(result)
     return result
