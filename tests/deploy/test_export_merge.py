@@ -161,3 +161,19 @@ def test_a_qlora_run_is_merged_into_its_dequantized_base(tiny_base_model, tmp_pa
         trained, ours, theirs = (m(input_ids=ids).logits.float() for m in (source, merged, naive))
     # int8 layers also quantize their inputs, which no float weights reproduce: closer, not twice as close
     assert (ours - trained).abs().max() < (0.5 if quantization == "nf4" else 1.0) * (theirs - trained).abs().max()
+
+
+def test_other_mergeable_families_merge_too(base_and_adapter, tmp_path):
+    """IA3 (a scaling vector, not a low-rank pair) goes through the same verified merge."""
+    from peft import IA3Config, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.deploy.export import export_merged
+
+    base, _ = base_and_adapter
+    torch.manual_seed(2)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                                                                  feedforward_modules=["down_proj"], init_ia3_weights=False))  # fmt: skip
+    model.save_pretrained(tmp_path / "ia3")
+    result = export_merged(str(tmp_path / "ia3"), tmp_path / "merged", base=str(base), verify_limit=4)
+    assert result.passed and result.verification["max_logit_difference"] < 1e-4
