@@ -12,7 +12,8 @@ A side is anything that maps token ids to logits (``Scorer``): a transformers mo
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Protocol
+from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -156,14 +157,18 @@ class Verification:
 
 
 def verify(source: Scorer, export: Scorer, texts: list[VerificationText], number_format: str, greedy_prompts: int = 8,
-           greedy_tokens: int = GREEDY_TOKENS, progress: Callable[[int], None] | None = None) -> Verification:  # fmt: skip
+           greedy_tokens: int = GREEDY_TOKENS) -> Verification:  # fmt: skip
     """Run both sides on ``texts`` and judge the export by ``TOLERANCES[number_format]``."""
     if number_format not in TOLERANCES:
         raise TunelabError(f"No verification tolerance for '{number_format}'; known formats: {', '.join(sorted(TOLERANCES))}.")
+    from tunelab.progress import progress_bar
+
     tolerance = TOLERANCES[number_format]
     worst, agree, positions = 0.0, 0, 0
     nll = [0.0, 0.0]
     scored = 0
+    prompts = texts[:greedy_prompts]
+    bar = progress_bar(len(texts) + len(prompts), desc=f"Verifying {Path(export.name).name}")
     for text in texts:
         a, b = source.logits(text.ids), export.logits(text.ids)
         if a.shape != b.shape:
@@ -177,19 +182,20 @@ def verify(source: Scorer, export: Scorer, texts: list[VerificationText], number
             for side, logits in enumerate((a, b)):
                 nll[side] += float(torch.nn.functional.cross_entropy(logits[:-1][keep], targets[keep], reduction="sum"))
             scored += int(keep.sum())
-        if progress:
-            progress(1)
+        bar.update(1)
     if scored == 0:
+        bar.close()
         raise TunelabError("No token of the verification texts is scored (no replies and no plain text).")
     identical, first_difference = 0, None
-    prompts = texts[:greedy_prompts]
     for k, text in enumerate(prompts):
         a, b = source.greedy(text.prompt_ids, greedy_tokens), export.greedy(text.prompt_ids, greedy_tokens)
+        bar.update(1)
         if a == b:
             identical += 1
         elif first_difference is None:
             at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
             first_difference = {"text": k, "position": at, "source": a[at : at + 4], "export": b[at : at + 4]}
+    bar.close()
     ppl = [math.exp(min(total / scored, 50)) for total in nll]
     ratio_ok = abs(ppl[1] / ppl[0] - 1) <= tolerance.perplexity_ratio
     logits_ok = tolerance.max_logit_difference is None or worst <= tolerance.max_logit_difference
