@@ -75,7 +75,7 @@ def run_family(name: str, spec: dict) -> dict:
     overrides = [
         "method=lm_finetune/peftfinetune_sft", "modelpool=CausalLMPool/smollm2-135m", f"modelpool.model_path={spec['model_dir']}",
         f"+modelpool.tokenizer_path={spec['tokenizer_dir']}", "~method.peft_config", f"+method.peft_config={{{run['node']}}}",
-        f"method.optimizer.lr={run['lr']}", "method.save_ckpt_type=peft", f"data.path={Path(spec['workdir']) / 'train.jsonl'}",
+        f"method.optimizer.lr={run['lr'] * spec.get('lr_scale', 1.0):g}", "method.save_ckpt_type=peft", f"data.path={Path(spec['workdir']) / 'train.jsonl'}",
         "data.format=openai", "data.shuffle=false", f"method.max_steps={spec['steps']}", "method.max_epochs=-1",
         f"method.dataloader_kwargs.batch_size={spec['batch_size']}", f"method.max_length={spec['max_length']}",
         "method.optimizer.weight_decay=0.0", "method.lr_scheduler=null", "method.gradient_clip_val=1.0", "taskpool=dummy",
@@ -147,7 +147,7 @@ def table(results: dict, spec: dict) -> str:
         )
     base = results.get("base", {})
     before = f"{base['heldout_loss']:.4f} (on the NF4 base: {base['heldout_loss_nf4']:.4f})" if "heldout_loss" in base else "-"
-    lines += ["", f"Held-out loss before training: {before}. {spec['steps']} steps of {spec['batch_size']} examples, each family at its own learning rate."]
+    lines += ["", f"Held-out loss before training: {before}. {spec['steps']} steps of {spec['batch_size']} examples, each family at its own learning rate" + (f" times {spec['lr_scale']:g}" if spec.get("lr_scale", 1.0) != 1.0 else "") + "."]
     return "\n".join(lines)
 
 
@@ -160,6 +160,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--lr-scale", type=float, default=1.0, help="multiply every family's learning rate (a sweep: run with 1, 2.5, 5)")
     add_shared_arguments(parser, "outputs/bench-peft")
     args = parser.parse_args()
     if args.worker:
@@ -168,6 +169,7 @@ def main() -> None:
     names = ["base"] + run_names(args.runs, RUNS)
     args.lr = args.lora_lr = args.peak_tflops = None  # bench/sft.py's prepare records them; each family here has its own
     spec = prepare(args)
+    spec["lr_scale"] = args.lr_scale
     workdir = Path(args.workdir)
     (workdir / "spec.json").write_text(json.dumps(spec, indent=2))
     runs = {"base": {}, **RUNS}

@@ -17,6 +17,7 @@ MISSING_EOS_PENALTY=${MISSING_EOS_PENALTY:-null}  # subtracted from the score of
 KL_COEF=${KL_COEF:-0.05}
 KL_HORIZON=${KL_HORIZON:-1000}   # completions over which kl_coef closes the gap to KL_TARGET
 KL_TARGET=${KL_TARGET:-4}        # nats per completion the adaptive kl_coef steers toward
+KL_BOUND=${KL_BOUND:-null}       # nats per completion past which a step skips its remaining PPO epochs
 mkdir -p "$OUT/data"
 head -n "$RM_PAIRS" "$PAIRS" > "$OUT/data/rm_train.jsonl"
 sed -n '1601,1700p' "$PAIRS" > "$OUT/data/rm_val.jsonl"
@@ -36,7 +37,7 @@ tunelab train method=lm_finetune/ppo modelpool=CausalLMPool/smollm2-135m \
   data.path="$OUT/data/ppo_prompts.jsonl" data.val_path="$OUT/data/ppo_heldout.jsonl" data.format=prompt \
   method.reward_model_path="$RM" method.value_model=shared method.value_lr="$VALUE_LR" method.lam="$LAM" \
   method.max_prompt_length=128 method.max_completion_length=48 method.dataloader_kwargs.batch_size="$PPO_PROMPTS" \
-  method.ppo_epochs=2 method.optimizer.lr="$PPO_LR" method.kl_coef="$KL_COEF" method.kl_target="$KL_TARGET" \
+  method.ppo_epochs=2 method.optimizer.lr="$PPO_LR" method.kl_coef="$KL_COEF" method.kl_target="$KL_TARGET" method.kl_bound="$KL_BOUND" \
   method.kl_horizon="$KL_HORIZON" method.missing_eos_penalty="$MISSING_EOS_PENALTY" method.max_steps="$PPO_STEPS" method.save_ckpt_type=hf method.log_samples_every_n_steps=5 \
   taskpool=heldout-reward taskpool.greedy=false taskpool.every_n_steps=10 taskpool.batch_size=32 \
   output_dir="$OUT/ppo" overwrite=true

@@ -190,6 +190,21 @@ def test_updates_are_epochs_times_mini_batches_of_every_micro_batch():
     assert [[b["id"] for b in g] for g in method.updates(batches, step=5)] == [[b["id"] for b in g] for g in groups]  # seeded
 
 
+def test_kl_bound_stops_a_steps_epochs_once_the_measured_kl_passes_it():
+    """The engine takes updates one at a time; after each epoch the KL measured in its losses is
+    read, and past the bound the rest of the step's epochs are not handed out."""
+    method = toy_method(ppo_epochs=4, num_mini_batches=2, accumulate_grad_batches=2, kl_bound=3.0)
+    batches = [{"id": i, "input_ids": torch.zeros(1, 2, dtype=torch.long)} for i in range(2)]
+    taken = []
+    kl_per_epoch = [1.0, 2.5, 3.5, 9.0]  # per completion; two completions a mini-batch
+    for index, group in enumerate(method.updates(batches, step=0)):
+        taken.append(group)
+        method._epoch_kl.append((torch.tensor(2 * kl_per_epoch[index // 2]), 2))  # what loss() records
+    assert len(taken) == 6 and method.skipped_epochs == 1  # epochs 1-3 ran; epoch 3 passed the bound, epoch 4 skipped
+    unbounded = toy_method(ppo_epochs=4, num_mini_batches=2, accumulate_grad_batches=2)
+    assert len(unbounded.updates(batches, step=0)) == 8
+
+
 # ----------------------------------------------------------------------------- through the engine
 
 
@@ -280,6 +295,7 @@ def test_lora_ppo_uses_the_adapter_switched_off_as_reference_and_saves_adapters(
         (["method.value_model=critic"], r"method.value_model' is 'critic', but it must be one of 'reward', 'policy', 'shared'"),
         (["method.kl_coef=0", "method.kl_target=1"], r"kl_coef must start above 0"),
         (["method.value_lr=0"], r"method.value_lr. is 0, but it must be positive"),
+        (["method.kl_coef=0", "method.kl_bound=4"], r"kl_bound must be positive, and needs the reference model"),
     ],
 )
 def test_bad_input_stops_with_a_clear_error_before_training(tmp_path, reward_model_folder, extra, message):
@@ -305,6 +321,19 @@ def test_reward_model_must_be_a_sequence_classifier_and_share_the_tokenizer_to_b
 
 
 # ----------------------------------------------------------------------------- data parallel
+
+
+def test_past_the_kl_bound_a_step_runs_one_epoch_through_the_engine(tmp_path, reward_model_folder, monkeypatch):
+    from tunelab.methods import ProximalPolicyOptimization
+
+    losses = []
+    real_loss, real_reference = ProximalPolicyOptimization.loss, ProximalPolicyOptimization.reference_log_probs
+    monkeypatch.setattr(ProximalPolicyOptimization, "loss", lambda self, model, batch: losses.append(1) or real_loss(self, model, batch))
+    # a reference 5 nats a token below the policy: every epoch measures a KL far past the bound
+    monkeypatch.setattr(ProximalPolicyOptimization, "reference_log_probs", lambda self, model, frozen, batch: real_reference(self, model, frozen, batch) - 5.0)
+    result = train(compose_config(overrides(tmp_path / "o", reward_model_folder, "method.max_steps=2", "method.kl_bound=4")))
+    assert result.state.global_step == 2
+    assert len(losses) == 2 * 2  # per step: one epoch of two mini-batches of one micro-batch (the second epoch skipped)
 
 
 @pytest.mark.parametrize("method", ["ppo", "grpo"])

@@ -201,6 +201,11 @@ class ProximalPolicyOptimization(OnlinePolicyOptimization):
     """Set: kl_coef adapts after every step toward this KL per completion (nats)."""
     kl_horizon: int = 10000
     """Completions over which the adaptive controller closes the gap to kl_target."""
+    kl_bound: Optional[float] = None
+    """Set: a hard bound on the KL per completion (nats). After each of a step's ppo_epochs, the
+    policy's KL to the reference on that step's completions (measured in the epoch's losses) is
+    read; past the bound, the step's remaining epochs are skipped. The first epoch always runs:
+    its rewards carry the KL penalty that pulls the policy back."""
     missing_eos_penalty: Optional[float] = None
     """Subtracted from the score of completions that hit max_completion_length without ending."""
     gamma: float = 1.0
@@ -225,6 +230,7 @@ class ProximalPolicyOptimization(OnlinePolicyOptimization):
     def __post_init__(self):
         super().__post_init__()
         self.current_kl_coef, self.scorer = self.kl_coef, None
+        self.skipped_epochs, self._epoch_kl = 0, []  # kl_bound: epochs skipped so far; this epoch's (KL sum, completions)
 
     def updates_per_step(self) -> int:
         return self.ppo_epochs * self.num_mini_batches
@@ -265,6 +271,8 @@ class ProximalPolicyOptimization(OnlinePolicyOptimization):
                 raise TunelabError(f"method.{name}={getattr(self, name)} must be positive.")
         if self.kl_coef < 0 or (self.kl_target is not None and self.kl_target <= 0):
             raise TunelabError("method.kl_coef must be >= 0 and method.kl_target (when set) positive.")
+        if self.kl_bound is not None and (self.kl_bound <= 0 or not self.uses_reference()):
+            raise TunelabError("method.kl_bound must be positive, and needs the reference model (method.kl_coef > 0 or method.kl_target).")
         if self.kl_target is not None and self.kl_coef == 0:
             raise TunelabError("method.kl_target adapts kl_coef by ratios, so kl_coef must start above 0 (e.g. method.kl_coef=0.05).")
         if not (0 < self.gamma <= 1 and 0 <= self.lam <= 1):
@@ -370,6 +378,7 @@ class ProximalPolicyOptimization(OnlinePolicyOptimization):
             train_batch["old_values"] = strip_virtual_positions(captured["values"], train_batch["input_ids"])[:, :-1][supervised]
             train_batch["old_log_probs"] = old_log_probs
             kl = old_log_probs - self.reference_log_probs(model, frozen, train_batch) if self.uses_reference() else torch.zeros_like(old_log_probs)
+            train_batch["reference_log_probs"] = old_log_probs - kl  # kl_bound measures the moving policy against it
             rewards = -self.current_kl_coef * kl
             last = torch.cumsum(torch.bincount(sequence, minlength=len(scores)), 0) - 1  # each completion's last token
             rewards[last] += scores.to(rewards.device)
@@ -413,7 +422,27 @@ class ProximalPolicyOptimization(OnlinePolicyOptimization):
         for _ in range(self.ppo_epochs):
             order = torch.randperm(len(batches), generator=generator).tolist()
             groups += [[batches[i] for i in part] for part in _split(order, self.num_mini_batches)]
-        return groups
+        if self.kl_bound is None:
+            return groups
+        return self._bounded(groups, step)
+
+    def _bounded(self, groups: list[list[dict]], step: int):
+        """``groups`` one optimizer step at a time, stopping at an epoch's end once the KL to the
+        reference measured in that epoch's losses passes ``kl_bound`` (the engine takes updates
+        lazily, so the loss of each update has run before the next is asked for)."""
+        self._epoch_kl = []
+        for index, group in enumerate(groups):
+            if index and index % self.num_mini_batches == 0 and self._epoch_kl:
+                kl_sum, completions = _global_sum(*(sum(values) for values in zip(*self._epoch_kl)), device=group[0]["input_ids"].device)
+                kl = kl_sum / max(completions, 1)
+                if kl > self.kl_bound:
+                    epoch = index // self.num_mini_batches
+                    log.info("step %d: KL %.2f per completion after epoch %d of %d passed method.kl_bound=%g; the step's other epochs are skipped",
+                             step + 1, kl, epoch, self.ppo_epochs, self.kl_bound)  # fmt: skip
+                    self.skipped_epochs += self.ppo_epochs - epoch
+                    return
+                self._epoch_kl = []
+            yield group
 
     # -- the loss ---------------------------------------------------------------------------------------
 
@@ -434,6 +463,9 @@ class ProximalPolicyOptimization(OnlinePolicyOptimization):
         loss = (policy_losses + self.vf_coef * value_losses).sum()
         units = log_probs.numel()
         detached = log_probs.detach() - batch["old_log_probs"]
+        if self.kl_bound is not None and "reference_log_probs" in batch:  # this epoch's KL to the reference, per completion
+            completions = int(batch["sequence"].max()) + 1 if batch["sequence"].numel() else 0
+            self._epoch_kl.append(((log_probs.detach() - batch["reference_log_probs"]).sum(), completions))
         sums = {
             "policy_loss": policy_losses.detach().sum(), "value_loss": value_losses.detach().sum(),
             "clip_ratio": clipped.float().sum(), "value_clip_ratio": value_clipped.float().sum(),
