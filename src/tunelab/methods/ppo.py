@@ -202,10 +202,12 @@ class ProximalPolicyOptimization(OnlinePolicyOptimization):
     kl_horizon: int = 10000
     """Completions over which the adaptive controller closes the gap to kl_target."""
     kl_bound: Optional[float] = None
-    """Set: a hard bound on the KL per completion (nats). After each of a step's ppo_epochs, the
-    policy's KL to the reference on that step's completions (measured in the epoch's losses) is
-    read; past the bound, the step's remaining epochs are skipped. The first epoch always runs:
-    its rewards carry the KL penalty that pulls the policy back."""
+    """Set: a bound on the KL per completion (nats). After each of a step's ppo_epochs, the policy's
+    KL to the reference on the step's completions, as its losses measured it (each mini-batch's
+    loss sees the policy before that mini-batch's update), is read; past the bound, the step's
+    remaining epochs are skipped. The first epoch always runs: its rewards carry the KL penalty
+    that pulls the policy back. The last update of a step is not measured until the next step's
+    rollout, so the KL can pass the bound by what one epoch moves it."""
     missing_eos_penalty: Optional[float] = None
     """Subtracted from the score of completions that hit max_completion_length without ending."""
     gamma: float = 1.0
