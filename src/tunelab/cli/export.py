@@ -50,12 +50,11 @@ def _report(result, json_path: str | None) -> int:
             print(f"  base: {check['quantization']}, dequantized before merging; judged at {check['judged_as']} precision")
         elif "skipped" in check:
             print(f"  {name}: not checked ({check['skipped']})")
-        elif "max_logit_difference" in check:
-            print(_verification_line("llama.cpp", check) + (f"; tokenizer identical on {check['tokenizer_identical']} texts" if "tokenizer_identical" in check else ""))
+        else:
+            if "max_logit_difference" in check:
+                print(_verification_line("llama.cpp", check) + (f"; tokenizer identical on {check['tokenizer_identical']} texts" if "tokenizer_identical" in check else ""))
             if check.get("chat"):
                 print(f"  llama.cpp's answer through the chat template to {check['chat']['question'][:70]!r}...:\n    {check['chat']['answer'][:300]!r}")
-        elif check.get("chat"):
-            print(f"  llama.cpp's answer through the chat template to {check['chat']['question'][:70]!r}...:\n    {check['chat']['answer'][:300]!r}")
     if json_path:
         with open(json_path, "w") as f:
             json.dump(result.as_dict(), f, indent=2)

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +58,7 @@ def check_output(out: Path, overwrite: bool) -> None:
 
 
 @contextmanager
-def staged(out: Path, overwrite: bool):
+def staged(out: Path):
     """Yield a temporary path beside ``out``; on success it replaces ``out``; on any error it is
     removed, and ``out`` is as it was."""
     temporary = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -69,13 +70,16 @@ def staged(out: Path, overwrite: bool):
         raise
 
 
-def place(temporary: Path, out: Path, passed: bool) -> Path:
-    """Move a finished export to ``out`` (or ``out.unverified`` when it failed verification)."""
-    target = out if passed else out.with_name(out.name + ".unverified")
-    for stale in (out, out.with_name(out.name + ".unverified")):
+def destination(out: Path, passed: bool) -> Path:
+    """Where a finished export goes: ``out``, or ``out.unverified`` when it failed verification."""
+    return out if passed else out.with_name(out.name + ".unverified")
+
+
+def place(temporary: Path, out: Path, target: Path) -> None:
+    """Move a finished export to ``target``, replacing whatever an earlier export left at ``out``."""
+    for stale in (out, destination(out, passed=False)):
         _remove(stale)
     temporary.rename(target)
-    return target
 
 
 def _remove(path: Path) -> None:
@@ -218,7 +222,7 @@ def export_merged(source: str, out: str | Path, base: str | None = None, dtype: 
     loaded, merged, quantized = source_and_merged(source, base)
     merged = merged.to(DTYPES[dtype])
     number_format = judged_as(dtype, quantized)
-    with staged(out, overwrite) as temporary:
+    with staged(out) as temporary:
         merged.save_pretrained(temporary, safe_serialization=True)
         loaded.tokenizer.save_pretrained(temporary)
         del merged
@@ -232,21 +236,13 @@ def export_merged(source: str, out: str | Path, base: str | None = None, dtype: 
 
             texts = verification_texts(loaded.tokenizer, verify_data, verify_start, verify_limit)
             exported = AutoModelForCausalLM.from_pretrained(temporary, dtype=torch.float32)
-            report = run_verification(
-                TransformersScorer(loaded.model, loaded.name, loaded.eos_token_ids), TransformersScorer(exported, str(out), loaded.eos_token_ids),
-                texts, number_format,
-            )  # fmt: skip
+            report = run_verification(_source_scorer(loaded), TransformersScorer(exported, str(out), loaded.eos_token_ids), texts, number_format)
             result.verification = report.as_dict()
             log.info("%s", report.summary())
+        result.path = destination(out, result.passed)
         (temporary / "export.json").write_text(json.dumps(result.as_dict(), indent=2))
-        result.path = place(temporary, out, result.passed)
-    if result.path != out:
-        (result.path / "export.json").write_text(json.dumps(result.as_dict(), indent=2))
+        place(temporary, out, result.path)
     return result
-
-
-def _verification_options(verify_data, verify_start, verify_limit) -> dict:
-    return {"data": verify_data, "start": verify_start, "limit": verify_limit}
 
 
 def _source_scorer(loaded):
@@ -289,8 +285,6 @@ def export_gguf(source: str, out: str | Path, number_format: str = "f16", base: 
     """``source`` (with its adapter merged, if it has one) as one GGUF file at ``out``, verified with
     transformers' GGUF loader and, when the binding is installed (or ``llama_cpp=True`` demands
     it), with llama.cpp."""
-    import tempfile
-
     from tunelab.deploy.gguf import NUMBER_FORMATS, check_architecture, write_model_gguf
 
     if number_format not in NUMBER_FORMATS:
@@ -305,7 +299,7 @@ def export_gguf(source: str, out: str | Path, number_format: str = "f16", base: 
         if available():
             raise UsageError(f"--llama-cpp asks for verification with llama.cpp, but {available()}.")
     result = ExportResult("gguf", out, loaded.name, number_format)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.merged-") as merged_dir, staged(out, overwrite) as temporary:
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.merged-") as merged_dir, staged(out) as temporary:
         merged.save_pretrained(merged_dir, safe_serialization=True)
         loaded.tokenizer.save_pretrained(merged_dir)
         del merged
@@ -325,7 +319,8 @@ def export_gguf(source: str, out: str | Path, number_format: str = "f16", base: 
             del reread
             if llama_cpp is not False:
                 result.checks["llama_cpp"] = llama_cpp_check(source_scorer, temporary, texts, judged, name=f"{out} (llama.cpp)", tokenizer=loaded.tokenizer)
-        result.path = place(temporary, out, result.passed)
+        result.path = destination(out, result.passed)
+        place(temporary, out, result.path)
     _sidecar(result)
     return result
 
@@ -356,8 +351,6 @@ def export_adapter_gguf(source: str, out: str | Path, base: str | None = None, n
     as a GGUF adapter file for llama.cpp (``--lora OUT``). Verified with llama.cpp on the base's GGUF
     (``base_gguf``, or the base written to a temporary f32 GGUF) against base + adapter in
     transformers."""
-    import tempfile
-
     from tunelab.deploy.gguf import write_adapter_gguf, write_model_gguf
 
     out = Path(out)
@@ -367,7 +360,7 @@ def export_adapter_gguf(source: str, out: str | Path, base: str | None = None, n
     if not is_adapter_model(loaded.model):
         raise UsageError(f"'{folder}' did not load as a peft adapter; a llama.cpp adapter file is written from a LoRA adapter.")
     result = ExportResult("gguf-adapter", out, loaded.name, number_format)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.base-") as work, staged(out, overwrite) as temporary:
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.base-") as work, staged(out) as temporary:
         result.checks["written"] = write_adapter_gguf(folder, loaded.model.config, temporary, number_format)
         if verify:
             from tunelab.deploy import llama_cpp
@@ -385,12 +378,13 @@ def export_adapter_gguf(source: str, out: str | Path, base: str | None = None, n
                     loaded.tokenizer.save_pretrained(Path(work) / "base")
                     write_model_gguf(Path(work) / "base", base_file, "f32")
                 texts = verification_texts(loaded.tokenizer, verify_data, verify_start, verify_limit)
-                check = llama_cpp_check(_source_scorer(loaded), base_file, texts, "f32" if number_format == "f32" else number_format,
+                check = llama_cpp_check(_source_scorer(loaded), base_file, texts, number_format,
                                         adapter=temporary, name=f"{base_file.name} + {out.name} (llama.cpp)")  # fmt: skip
                 result.verification = {k: v for k, v in check.items() if k != "chat"}
                 result.checks["llama_cpp"] = {"base_gguf": str(base_file) if base_gguf else "the base, written as f32 for the check",
                                               "chat": check.get("chat")}  # fmt: skip
-        result.path = place(temporary, out, result.passed)
+        result.path = destination(out, result.passed)
+        place(temporary, out, result.path)
     _sidecar(result)
     return result
 

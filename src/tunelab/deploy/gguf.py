@@ -273,7 +273,7 @@ def write_adapter_gguf(adapter: Path, base_config, out: Path, number_format: str
             data = rope_permute(data, heads)
         elif side == "b" and hf_name.endswith("k_proj.weight"):
             data = rope_permute(data, kv_heads)
-        encoded, raw = _encode(data, number_format) if number_format != "f32" else (data.astype(np.float32), None)
+        encoded, raw = _encode(data, number_format)
         writer.add_tensor(f"{target}.lora_{side}", encoded, raw_dtype=raw)
         written += 1
     writer.write_header_to_file()
