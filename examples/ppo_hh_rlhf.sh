@@ -17,7 +17,7 @@ MISSING_EOS_PENALTY=${MISSING_EOS_PENALTY:-null}  # subtracted from the score of
 KL_COEF=${KL_COEF:-0.05}
 KL_HORIZON=${KL_HORIZON:-1000}   # completions over which kl_coef closes the gap to KL_TARGET
 KL_TARGET=${KL_TARGET:-4}        # nats per completion the adaptive kl_coef steers toward
-KL_BOUND=${KL_BOUND:-null}       # nats per completion past which a step skips its remaining PPO epochs
+KL_BOUND=${KL_BOUND:-null}       # nats per completion: a PPO epoch that takes the KL past it (and higher) is undone
 mkdir -p "$OUT/data"
 head -n "$RM_PAIRS" "$PAIRS" > "$OUT/data/rm_train.jsonl"
 sed -n '1601,1700p' "$PAIRS" > "$OUT/data/rm_val.jsonl"

@@ -16,6 +16,7 @@ from tunelab.config import compose_config
 from tunelab.data import IGNORE_INDEX
 from tunelab.engine import train
 from tunelab.errors import TunelabError
+from tunelab.methods.fullfinetune_sft import model_inputs
 from tunelab.methods.online import OnlinePolicyOptimization
 from tunelab.methods.ppo import (
     PolicyAndValue, ProximalPolicyOptimization, adapt_kl_coef, clipped_value_losses, gae, per_sequence, whiten,
@@ -190,19 +191,59 @@ def test_updates_are_epochs_times_mini_batches_of_every_micro_batch():
     assert [[b["id"] for b in g] for g in method.updates(batches, step=5)] == [[b["id"] for b in g] for g in groups]  # seeded
 
 
-def test_kl_bound_stops_a_steps_epochs_once_the_measured_kl_passes_it():
-    """The engine takes updates one at a time; after each epoch the KL measured in its losses is
-    read, and past the bound the rest of the step's epochs are not handed out."""
-    method = toy_method(ppo_epochs=4, num_mini_batches=2, accumulate_grad_batches=2, kl_bound=3.0)
-    batches = [{"id": i, "input_ids": torch.zeros(1, 2, dtype=torch.long)} for i in range(2)]
-    taken = []
-    kl_per_epoch = [1.0, 2.5, 3.5, 9.0]  # per completion; two completions a mini-batch
-    for index, group in enumerate(method.updates(batches, step=0)):
+@pytest.mark.parametrize("chunked", [True, False])
+def test_the_bounds_kl_is_the_exact_next_token_kl_at_every_completion_token(chunked):
+    """KL(policy || reference) over the whole vocabulary at each completion token, at the sampling
+    temperature, summed per completion: by hand from both models' full logits."""
+    method = toy_method(max_completion_length=3, kl_coef=0.1, kl_bound=3.0, temperature=0.7, chunked_loss=chunked, loss_chunk_size=2)
+    model, reference = toy_policy(method), toy_lm(method, seed=1)
+    method.frozen = {"reference": reference}
+    [train_batch] = method.before_step(model, method.frozen, [toy_batch(4)], 0)
+    measured = method.policy_kl(model, [train_batch], {})
+    supervised = train_batch["labels"][:, 1:] != IGNORE_INDEX
+    inputs = model_inputs(train_batch)  # packed rows: each completion attends to its own prompt only
+    with torch.no_grad():
+        p = (model.policy(**inputs).logits[:, :-1][supervised] / 0.7).log_softmax(-1)
+        q = (reference(**inputs).logits[:, :-1][supervised] / 0.7).log_softmax(-1)
+    by_hand = torch.nn.functional.kl_div(q, p, log_target=True, reduction="sum").item() / 4  # four completions
+    assert by_hand > 0.01 and measured == pytest.approx(by_hand, rel=1e-4)
+    method.frozen = {"reference": toy_lm(method)}  # the policy's own weights: no KL
+    assert method.policy_kl(model, [train_batch], {}) == pytest.approx(0.0, abs=1e-5)
+
+
+def kl_batch():
+    return {"sequence": torch.tensor([0]), "input_ids": torch.zeros(1, 2, dtype=torch.long), "step_metrics": {}}
+
+
+def test_an_epoch_that_takes_the_kl_past_the_bound_is_undone_and_ends_the_step(monkeypatch):
+    """The engine applies each update before it asks for the next; after each epoch the policy's
+    KL is measured, and an epoch that leaves it past the bound and higher is undone."""
+    method = toy_method(ppo_epochs=4, num_mini_batches=2, accumulate_grad_batches=2, kl_coef=0.1, kl_bound=3.0)
+    policy = torch.nn.Linear(2, 1)
+    method._policy = policy
+    batches = [kl_batch() for _ in range(2)]
+    measured = iter([1.0, 2.5, 2.9, 9.0, 1.0])  # before the first epoch, after epochs 1, 2, 3 (past the bound and higher: undone), 4 (never run)
+    monkeypatch.setattr(method, "policy_kl", lambda model, rollout, references: next(measured))
+    taken, weights = [], []
+    for group in method.updates(batches, step=0):
         taken.append(group)
-        method._epoch_kl.append((torch.tensor(2 * kl_per_epoch[index // 2]), 2))  # what loss() records
-    assert len(taken) == 6 and method.skipped_epochs == 1  # epochs 1-3 ran; epoch 3 passed the bound, epoch 4 skipped
+        assert len(group) == 1
+        weights.append(policy.weight.detach().clone())
+        with torch.no_grad():
+            policy.weight.add_(1.0)  # "the optimizer step"
+    assert len(taken) == 6 and method.undone_epochs == 1 and method.skipped_epochs == 1
+    assert torch.equal(policy.weight, weights[4])  # epoch 3's two updates undone: back to where it started
     unbounded = toy_method(ppo_epochs=4, num_mini_batches=2, accumulate_grad_batches=2)
     assert len(unbounded.updates(batches, step=0)) == 8
+
+
+def test_an_epoch_that_lowers_a_kl_past_the_bound_is_kept(monkeypatch):
+    method = toy_method(ppo_epochs=3, accumulate_grad_batches=1, kl_coef=0.1, kl_bound=3.0)
+    method._policy = torch.nn.Linear(2, 1)
+    batches = [kl_batch()]
+    measured = iter([5.0, 4.5, 4.0, 3.9])  # past the bound from the start, but falling: every epoch runs and stays
+    monkeypatch.setattr(method, "policy_kl", lambda model, rollout, references: next(measured))
+    assert len(list(method.updates(batches, step=0))) == 3 and method.undone_epochs == 0
 
 
 # ----------------------------------------------------------------------------- through the engine
@@ -271,15 +312,17 @@ def test_lora_ppo_uses_the_adapter_switched_off_as_reference_and_saves_adapters(
     result = train(compose_config(overrides(
         tmp_path / "o", reward_model_folder, "method.max_steps=2", "method.value_model=policy", "method.save_ckpt_type=peft",
         "+method.peft_config={_target_:peft.LoraConfig,task_type:CAUSAL_LM,r:4,lora_alpha:8,target_modules:[q_proj,v_proj]}",
-        "taskpool=heldout-reward", "data.val_fraction=0.2", "taskpool.greedy=false",
+        "taskpool=heldout-reward", "data.val_fraction=0.2", "taskpool.greedy=false", "method.kl_bound=50",
     )))  # fmt: skip
     rows = logged(result)
     assert float(rows[0]["train/kl"]) == pytest.approx(0.0, abs=1e-6)  # before any update the adapter is a no-op
+    assert float(rows[0]["train/kl_exact"]) == pytest.approx(0.0, abs=1e-6) and result.evaluations[0]["val/kl_exact"] == pytest.approx(0.0, abs=1e-6)
     assert (result.final_checkpoint / "adapter_model.safetensors").exists()
     assert (result.final_checkpoint / "value_model" / "adapter_model.safetensors").exists()
     assert "frozen" not in str(result.final_checkpoint)
     scores = result.evaluations[2]
     assert {"val/reward", "val/kl", "val/completions"} <= set(scores) and math.isfinite(scores["val/kl"])
+    assert scores["val/kl_exact"] >= 0 and float(rows[1]["train/kl_exact"]) >= 0  # an exact KL is never negative
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -323,17 +366,26 @@ def test_reward_model_must_be_a_sequence_classifier_and_share_the_tokenizer_to_b
 # ----------------------------------------------------------------------------- data parallel
 
 
-def test_past_the_kl_bound_a_step_runs_one_epoch_through_the_engine(tmp_path, reward_model_folder, monkeypatch):
+def test_past_the_kl_bound_an_epoch_is_undone_through_the_engine(tmp_path, reward_model_folder, monkeypatch):
+    """Every epoch measures past the bound and higher: each step runs one epoch, undoes it and skips
+    the other, so the saved policy is the starting model, weight for weight."""
     from tunelab.methods import ProximalPolicyOptimization
 
-    losses = []
-    real_loss, real_reference = ProximalPolicyOptimization.loss, ProximalPolicyOptimization.reference_log_probs
+    losses, measured = [], []
+    real_loss, real_kl = ProximalPolicyOptimization.loss, ProximalPolicyOptimization.policy_kl
     monkeypatch.setattr(ProximalPolicyOptimization, "loss", lambda self, model, batch: losses.append(1) or real_loss(self, model, batch))
-    # a reference 5 nats a token below the policy: every epoch measures a KL far past the bound
-    monkeypatch.setattr(ProximalPolicyOptimization, "reference_log_probs", lambda self, model, frozen, batch: real_reference(self, model, frozen, batch) - 5.0)
-    result = train(compose_config(overrides(tmp_path / "o", reward_model_folder, "method.max_steps=2", "method.kl_bound=4")))
+    calls = iter(range(1000))  # before each step's first epoch 1 nat, after any epoch 100: every epoch is undone
+    monkeypatch.setattr(ProximalPolicyOptimization, "policy_kl", lambda self, model, batches, refs: measured.append(real_kl(self, model, batches, refs)) or (100.0 if next(calls) % 2 else 1.0))
+    result = train(compose_config(overrides(tmp_path / "o", reward_model_folder, "method.max_steps=2", "method.kl_bound=4", "method.save_ckpt_type=hf")))
     assert result.state.global_step == 2
-    assert len(losses) == 2 * 2  # per step: one epoch of two mini-batches of one micro-batch (the second epoch skipped)
+    assert len(losses) == 2 * 2 and len(measured) == 2 * 2  # per step: one epoch of two mini-batches, measured before and after
+    assert all(math.isfinite(kl) for kl in measured)
+    assert [float(r["train/kl_exact"]) for r in logged(result)] == [1.0, 1.0]  # the measure before each step's first epoch
+    unmoved = train(compose_config(overrides(tmp_path / "lr0", reward_model_folder, "method.max_steps=1", "method.optimizer.lr=1e-30", "method.save_ckpt_type=hf")))
+    start = AutoModelForCausalLM.from_pretrained(unmoved.final_checkpoint)  # the same seed, steps far below float32 resolution: the starting weights
+    saved = AutoModelForCausalLM.from_pretrained(result.final_checkpoint)
+    for (name, expected), actual in zip(start.state_dict().items(), saved.state_dict().values()):
+        assert torch.equal(expected, actual), name
 
 
 @pytest.mark.parametrize("method", ["ppo", "grpo"])

@@ -34,7 +34,8 @@ from tunelab.engine.method import LossResult, Models
 from tunelab.errors import TunelabError
 from tunelab.methods.bradley_terry_rm import _score_head
 from tunelab.methods.bradley_terry_rm import rewards as reward_model_scores
-from tunelab.methods.fullfinetune_sft import _unwrap, supports_chunked_loss
+from tunelab.methods.dpo import under_reference
+from tunelab.methods.fullfinetune_sft import _unwrap, final_hidden_states, model_inputs, supports_chunked_loss
 from tunelab.methods.grpo import clipped_token_losses
 from tunelab.methods.online import OnlinePolicyOptimization
 from tunelab.models.adapters import apply_adapter, check_sequence_classification_family, strip_virtual_positions
@@ -202,12 +203,14 @@ class ProximalPolicyOptimization(OnlinePolicyOptimization):
     kl_horizon: int = 10000
     """Completions over which the adaptive controller closes the gap to kl_target."""
     kl_bound: Optional[float] = None
-    """Set: a bound on the KL per completion (nats). After each of a step's ppo_epochs, the policy's
-    KL to the reference on the step's completions, as its losses measured it (each mini-batch's
-    loss sees the policy before that mini-batch's update), is read; past the bound, the step's
-    remaining epochs are skipped. The first epoch always runs: its rewards carry the KL penalty
-    that pulls the policy back. The last update of a step is not measured until the next step's
-    rollout, so the KL can pass the bound by what one epoch moves it."""
+    """Set: a bound on the KL to the reference per completion (nats). Before and after each of a
+    step's ppo_epochs, no-grad passes measure the policy's KL on the step's completions: at every
+    completion token, the exact KL between the policy's and the reference's next-token
+    distributions (over the whole vocabulary, at the sampling temperature), summed per completion.
+    An epoch that leaves it past the bound and higher than it found it is undone (the trainable
+    weights restored; the optimizer's moments keep its gradients) and the step's remaining epochs
+    are skipped; an epoch that lowers it is kept. Costs a reference forward per step, a policy
+    forward per epoch and one more, and a copy of the trainable weights."""
     missing_eos_penalty: Optional[float] = None
     """Subtracted from the score of completions that hit max_completion_length without ending."""
     gamma: float = 1.0
@@ -232,7 +235,7 @@ class ProximalPolicyOptimization(OnlinePolicyOptimization):
     def __post_init__(self):
         super().__post_init__()
         self.current_kl_coef, self.scorer = self.kl_coef, None
-        self.skipped_epochs, self._epoch_kl = 0, []  # kl_bound: epochs skipped so far; this epoch's (KL sum, completions)
+        self.skipped_epochs, self.undone_epochs, self._policy = 0, 0, None  # kl_bound: epochs skipped and undone so far; the model it measures
 
     def updates_per_step(self) -> int:
         return self.ppo_epochs * self.num_mini_batches
@@ -371,6 +374,7 @@ class ProximalPolicyOptimization(OnlinePolicyOptimization):
                 scores = scores - self.missing_eos_penalty * torch.tensor(generated["truncated"], dtype=torch.float32)
             rounds.append((batch, generated, scores, table))
         generation_seconds = time.perf_counter() - started
+        self._policy = model if self.kl_bound is not None else None
         out, token_rewards, kls = [], [], []
         for batch, generated, scores, _table in rounds:
             train_batch = self.completion_batch(batch, generated)
@@ -380,7 +384,7 @@ class ProximalPolicyOptimization(OnlinePolicyOptimization):
             train_batch["old_values"] = strip_virtual_positions(captured["values"], train_batch["input_ids"])[:, :-1][supervised]
             train_batch["old_log_probs"] = old_log_probs
             kl = old_log_probs - self.reference_log_probs(model, frozen, train_batch) if self.uses_reference() else torch.zeros_like(old_log_probs)
-            train_batch["reference_log_probs"] = old_log_probs - kl  # kl_bound measures the moving policy against it
+            train_batch["reference_log_probs"] = old_log_probs - kl  # kl_bound measures the updated policy against it
             rewards = -self.current_kl_coef * kl
             last = torch.cumsum(torch.bincount(sequence, minlength=len(scores)), 0) - 1  # each completion's last token
             rewards[last] += scores.to(rewards.device)
@@ -429,22 +433,50 @@ class ProximalPolicyOptimization(OnlinePolicyOptimization):
         return self._bounded(groups, step)
 
     def _bounded(self, groups: list[list[dict]], step: int):
-        """``groups`` one optimizer step at a time, stopping at an epoch's end once the KL to the
-        reference measured in that epoch's losses passes ``kl_bound`` (the engine takes updates
-        lazily, so the loss of each update has run before the next is asked for)."""
-        self._epoch_kl = []
-        for index, group in enumerate(groups):
-            if index and index % self.num_mini_batches == 0 and self._epoch_kl:
-                kl_sum, completions = _global_sum(*(sum(values) for values in zip(*self._epoch_kl)), device=group[0]["input_ids"].device)
-                kl = kl_sum / max(completions, 1)
-                if kl > self.kl_bound:
-                    epoch = index // self.num_mini_batches
-                    log.info("step %d: KL %.2f per completion after epoch %d of %d passed method.kl_bound=%g; the step's other epochs are skipped",
-                             step + 1, kl, epoch, self.ppo_epochs, self.kl_bound)  # fmt: skip
-                    self.skipped_epochs += self.ppo_epochs - epoch
-                    return
-                self._epoch_kl = []
-            yield group
+        """``groups`` one optimizer step at a time (the engine takes updates lazily, so each update
+        has been applied before the next is asked for); after each epoch the KL is measured, and an
+        epoch that left it past ``kl_bound`` and higher than it found it is undone, ending the step."""
+        model = self._policy
+        batches = [b for group in groups[: self.num_mini_batches] for b in group]  # an epoch holds the rollout once
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        references = {}  # each micro-batch's reference logits, computed once: the reference is frozen
+        kl = self.policy_kl(model, batches, references)
+        for batch in batches:  # logged with the step: the bound's measure of the policy that sampled it
+            batch["step_metrics"]["kl_exact"] = torch.tensor(kl)
+        for epoch in range(self.ppo_epochs):
+            saved = [p.detach().clone() for p in trainable]
+            yield from groups[epoch * self.num_mini_batches : (epoch + 1) * self.num_mini_batches]
+            before, kl = kl, self.policy_kl(model, batches, references)
+            if kl > self.kl_bound and kl > before:
+                with torch.no_grad():
+                    for parameter, value in zip(trainable, saved):
+                        parameter.copy_(value)
+                log.info("step %d: epoch %d of %d took the KL from %.2f to %.2f nats per completion, past method.kl_bound=%g; "
+                         "the epoch is undone and the step's other epochs are skipped",
+                         step + 1, epoch + 1, self.ppo_epochs, before, kl, self.kl_bound)  # fmt: skip
+                self.undone_epochs += 1
+                self.skipped_epochs += self.ppo_epochs - epoch - 1
+                return
+
+    def policy_kl(self, model: torch.nn.Module, batches: list[dict], references: dict) -> float:
+        """The policy's KL to the reference per completion on the rollout's completions: at each
+        completion token the exact KL between the two next-token distributions, summed (no-grad
+        passes; ``references`` keeps the reference's logits between calls)."""
+        total, completions = 0.0, 0
+        for batch in batches:
+            total += self.exact_kl(model, batch, references)
+            completions += int(batch["sequence"].max()) + 1 if batch["sequence"].numel() else 0
+        kl_sum, completions = _global_sum(total, completions, device=batches[0]["input_ids"].device)
+        return kl_sum / max(completions, 1)
+
+    def exact_kl(self, model: torch.nn.Module, batch: dict, references: dict | None = None) -> float:
+        """KL(policy || reference) between the next-token distributions at every completion token
+        of ``batch`` (the sampling temperature's), summed; ``references`` caches the reference's side."""
+        chunked, references = self.chunked_loss, {} if references is None else references
+        with torch.no_grad():
+            if id(batch) not in references:
+                references[id(batch)] = under_reference(self.reference_kind(), model, self.frozen, lambda m: completion_logits(m, batch, chunked))
+            return float(token_kl(completion_logits(model, batch, chunked), references[id(batch)], self.temperature, self.loss_chunk_size))
 
     # -- the loss ---------------------------------------------------------------------------------------
 
@@ -465,9 +497,6 @@ class ProximalPolicyOptimization(OnlinePolicyOptimization):
         loss = (policy_losses + self.vf_coef * value_losses).sum()
         units = log_probs.numel()
         detached = log_probs.detach() - batch["old_log_probs"]
-        if self.kl_bound is not None and "reference_log_probs" in batch:  # this epoch's KL to the reference, per completion
-            completions = int(batch["sequence"].max()) + 1 if batch["sequence"].numel() else 0
-            self._epoch_kl.append(((log_probs.detach() - batch["reference_log_probs"]).sum(), completions))
         sums = {
             "policy_loss": policy_losses.detach().sum(), "value_loss": value_losses.detach().sum(),
             "clip_ratio": clipped.float().sum(), "value_clip_ratio": value_clipped.float().sum(),
@@ -481,15 +510,45 @@ class ProximalPolicyOptimization(OnlinePolicyOptimization):
     # -- evaluation ------------------------------------------------------------------------------------
 
     def evaluate_completions(self, model: torch.nn.Module, batch: dict, generated: dict) -> dict:
-        """The KL of the policy to the reference on the held-out completions, summed over them
-        (an estimate of the KL when the completions are sampled: taskpool.greedy=false)."""
+        """The KL of the policy to the reference on the held-out completions, summed over them: ``kl``
+        from the completions' own log-ratios (an estimate of the KL when they are sampled:
+        taskpool.greedy=false), ``kl_exact`` from the whole next-token distributions at each of
+        their tokens (method.kl_bound's measure)."""
         if not self.uses_reference():
             return {}
         train_batch = self.completion_batch(batch, generated)
         with torch.no_grad():
             log_probs, sequence = self.policy_log_probs(model, train_batch)
             kl = log_probs - self.reference_log_probs(model, self.frozen, train_batch)
-        return {"kl": kl.sum()}
+        return {"kl": kl.sum(), "kl_exact": torch.tensor(self.exact_kl(model, train_batch))}
+
+
+def completion_logits(model: torch.nn.Module, batch: dict, chunked: bool) -> tuple[int, object]:
+    """How many completion tokens ``batch`` has, and a function giving the float32 logits that
+    predict tokens [a, b) of them: the head applied on demand to the final hidden states
+    (``chunked``), or slices of the model's full logits."""
+    supervised = batch["labels"][:, 1:] != IGNORE_INDEX
+    if chunked:
+        hidden, _ = final_hidden_states(model, batch)
+        rows, weight = hidden[:, :-1][supervised], _unwrap(model).get_output_embeddings().weight
+        return rows.shape[0], lambda a, b: rows[a:b].float() @ weight.float().T
+    logits = strip_virtual_positions(model(**model_inputs(batch), use_cache=False).logits, batch["input_ids"])[:, :-1][supervised]
+    return logits.shape[0], lambda a, b: logits[a:b].float()
+
+
+def token_kl(policy, reference, temperature: float = 1.0, chunk_rows: int = 1024) -> torch.Tensor:
+    """Sum over the positions of KL(policy || reference) between the next-token distributions at
+    ``temperature``; both are ``completion_logits`` results for the same rows."""
+    (rows, policy_logits), (reference_rows, reference_logits) = policy, reference
+    if rows != reference_rows:
+        raise TunelabError(f"the policy has {rows} completion tokens and the reference {reference_rows}: they must score the same rows.")
+    total = torch.zeros((), dtype=torch.float64)
+    for start in range(0, rows, chunk_rows):
+        end = min(start + chunk_rows, rows)
+        p = (policy_logits(start, end) / temperature).log_softmax(-1)
+        q = (reference_logits(start, end) / temperature).log_softmax(-1)
+        total += float((p.exp() * (p - q)).sum())
+    return total
 
 
 def _global_sum(*values, device) -> list[float]:
