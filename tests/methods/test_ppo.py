@@ -222,7 +222,8 @@ def test_an_epoch_that_takes_the_kl_past_the_bound_is_undone_and_ends_the_step(m
     policy = torch.nn.Linear(2, 1)
     method._policy = policy
     batches = [kl_batch() for _ in range(2)]
-    measured = iter([1.0, 2.5, 2.9, 9.0, 1.0])  # before the first epoch, after epochs 1, 2, 3 (past the bound and higher: undone), 4 (never run)
+    method._measured = (1.0, {})  # before_step's measure of the rollout
+    measured = iter([2.5, 2.9, 9.0, 1.0])  # after epochs 1, 2, 3 (past the bound and higher: undone), 4 (never run)
     monkeypatch.setattr(method, "policy_kl", lambda model, rollout, references: next(measured))
     taken, weights = [], []
     for group in method.updates(batches, step=0):
@@ -237,11 +238,35 @@ def test_an_epoch_that_takes_the_kl_past_the_bound_is_undone_and_ends_the_step(m
     assert len(unbounded.updates(batches, step=0)) == 8
 
 
+def test_a_rollout_past_the_bound_sends_the_policy_back_to_the_weights_that_sampled_the_last_one(monkeypatch):
+    method = toy_method(max_completion_length=2, kl_coef=0.1, kl_bound=1e9, ppo_epochs=1)
+    model = toy_policy(method)
+    method.frozen = {"reference": toy_lm(method)}
+    [rollout] = method.before_step(model, method.frozen, [toy_batch(4)], 0)
+    start = [p.detach().clone() for p in model.parameters()]
+    for _group in method.updates([rollout], 0):
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(0.5)  # "the optimizer step"
+    generations, measured = [], iter([7.0, 2.0])  # step 2's rollout past the bound; the one sampled again is not
+    real_generate = method.generate
+    monkeypatch.setattr(method, "generate", lambda *args, **kwargs: generations.append(1) or real_generate(*args, **kwargs))
+    monkeypatch.setattr(method, "policy_kl", lambda model, rollout, references: next(measured))
+    method.kl_bound = 3.0
+    [again] = method.before_step(model, method.frozen, [toy_batch(4)], 1)
+    assert len(generations) == 2 and method.rollbacks == 1
+    assert all(torch.equal(p, s) for p, s in zip(model.parameters(), start))  # back to the weights that sampled step 1
+    assert again["step_metrics"]["kl_exact"].item() == 2.0 and again["step_metrics"]["kl_rollback"].item() == 1.0
+    with torch.no_grad():  # the new rollout's old log-probabilities are the restored weights'
+        assert torch.allclose(again["old_log_probs"], method.policy_log_probs(model, again)[0], atol=1e-6)
+
+
 def test_an_epoch_that_lowers_a_kl_past_the_bound_is_kept(monkeypatch):
     method = toy_method(ppo_epochs=3, accumulate_grad_batches=1, kl_coef=0.1, kl_bound=3.0)
     method._policy = torch.nn.Linear(2, 1)
     batches = [kl_batch()]
-    measured = iter([5.0, 4.5, 4.0, 3.9])  # past the bound from the start, but falling: every epoch runs and stays
+    method._measured = (5.0, {})  # past the bound from the start (no earlier rollout to go back to)
+    measured = iter([4.5, 4.0, 3.9])  # but falling: every epoch runs and stays
     monkeypatch.setattr(method, "policy_kl", lambda model, rollout, references: next(measured))
     assert len(list(method.updates(batches, step=0))) == 3 and method.undone_epochs == 0
 

@@ -203,14 +203,16 @@ class ProximalPolicyOptimization(OnlinePolicyOptimization):
     kl_horizon: int = 10000
     """Completions over which the adaptive controller closes the gap to kl_target."""
     kl_bound: Optional[float] = None
-    """Set: a bound on the KL to the reference per completion (nats). Before and after each of a
-    step's ppo_epochs, no-grad passes measure the policy's KL on the step's completions: at every
-    completion token, the exact KL between the policy's and the reference's next-token
-    distributions (over the whole vocabulary, at the sampling temperature), summed per completion.
-    An epoch that leaves it past the bound and higher than it found it is undone (the trainable
-    weights restored; the optimizer's moments keep its gradients) and the step's remaining epochs
-    are skipped; an epoch that lowers it is kept. Costs a reference forward per step, a policy
-    forward per epoch and one more, and a copy of the trainable weights."""
+    """Set: a bound on the KL to the reference per completion (nats), held at every rollout and
+    every epoch. The measure: at every completion token of the step's rollout, the exact KL between
+    the policy's and the reference's next-token distributions (over the whole vocabulary, at the
+    sampling temperature), summed per completion (no-grad passes). A rollout that measures past
+    the bound sends the weights back to those that sampled the previous rollout, and is sampled
+    again from them (once a step). After each epoch the measure is taken again: an epoch that
+    leaves it past the bound and higher than it found it is undone and ends the step; one that
+    lowers it is kept. The optimizer's moments keep the gradients of undone work. Costs a reference
+    forward per step, a policy forward per epoch and one more, and up to two copies of the
+    trainable weights; a resumed run cannot roll back its first step."""
     missing_eos_penalty: Optional[float] = None
     """Subtracted from the score of completions that hit max_completion_length without ending."""
     gamma: float = 1.0
@@ -235,7 +237,10 @@ class ProximalPolicyOptimization(OnlinePolicyOptimization):
     def __post_init__(self):
         super().__post_init__()
         self.current_kl_coef, self.scorer = self.kl_coef, None
-        self.skipped_epochs, self.undone_epochs, self._policy = 0, 0, None  # kl_bound: epochs skipped and undone so far; the model it measures
+        # kl_bound: epochs skipped and undone and rollouts rolled back so far; the model it measures, the
+        # rollout's measure, and the weights that sampled the last rollout
+        self.skipped_epochs = self.undone_epochs = self.rollbacks = 0
+        self._policy, self._measured, self._step_start = None, None, None
 
     def updates_per_step(self) -> int:
         return self.ppo_epochs * self.num_mini_batches
@@ -364,7 +369,39 @@ class ProximalPolicyOptimization(OnlinePolicyOptimization):
 
     def before_step(self, model, frozen: dict, batches: list[dict], step: int) -> list[dict]:
         """Generate one completion per prompt, score it, and give every completion token its old
-        log-probability, value estimate, advantage and return."""
+        log-probability, value estimate, advantage and return.
+
+        With ``kl_bound``, the rollout's KL is measured (``policy_kl``); past the bound, the
+        trainable weights go back to those that sampled the previous step's rollout, and the
+        rollout is generated again from them (once a step)."""
+        self._policy = model if self.kl_bound is not None else None
+        out, rounds, all_kl = self.rollout(model, frozen, batches, step)
+        rolled_back = False
+        if self.kl_bound is not None:
+            references = {}  # the reference's logits, kept for the epochs' measures
+            kl = self.policy_kl(model, out, references)
+            if kl > self.kl_bound and self._step_start is not None:
+                _restore(_trainable(model), self._step_start)
+                log.info("step %d: the policy's KL on its rollout is %.2f nats per completion, past method.kl_bound=%g; "
+                         "its weights go back to those that sampled the previous rollout, which samples this one again",
+                         step + 1, kl, self.kl_bound)  # fmt: skip
+                self.rollbacks, rolled_back = self.rollbacks + 1, True
+                out, rounds, all_kl = self.rollout(model, frozen, batches, step)
+                references = {}
+                kl = self.policy_kl(model, out, references)
+            self._measured = (kl, references)
+            for batch in out:  # logged with the step: the bound's measure of the policy that sampled it
+                batch["step_metrics"].update({"kl_exact": torch.tensor(kl), "kl_rollback": torch.tensor(float(rolled_back))})
+        if self.kl_target is not None:  # every rank adapts by the same (global) numbers, so all keep one coefficient
+            kl_sum, completions = _global_sum(all_kl.sum(), all_kl.numel(), device=out[0]["input_ids"].device)
+            self.current_kl_coef = adapt_kl_coef(self.current_kl_coef, kl_sum / max(completions, 1), self.kl_target, self.kl_horizon, int(completions))
+        if self.samples_due(step):
+            self.write_samples(step, *rounds[0])
+        return out
+
+    def rollout(self, model, frozen: dict, batches: list[dict], step: int) -> tuple[list[dict], list[tuple], torch.Tensor]:
+        """The step's training rows from the current weights: (rows, what was generated and
+        scored per micro-batch, each completion's sampled KL)."""
         started = time.perf_counter()
         rounds = []
         for i, batch in enumerate(batches):
@@ -374,7 +411,6 @@ class ProximalPolicyOptimization(OnlinePolicyOptimization):
                 scores = scores - self.missing_eos_penalty * torch.tensor(generated["truncated"], dtype=torch.float32)
             rounds.append((batch, generated, scores, table))
         generation_seconds = time.perf_counter() - started
-        self._policy = model if self.kl_bound is not None else None
         out, token_rewards, kls = [], [], []
         for batch, generated, scores, _table in rounds:
             train_batch = self.completion_batch(batch, generated)
@@ -413,12 +449,7 @@ class ProximalPolicyOptimization(OnlinePolicyOptimization):
                 "timing/generation_seconds": torch.tensor(generation_seconds),
             })  # fmt: skip
             train_batch["step_metrics"] = metrics  # the step's, in every micro-batch
-        if self.kl_target is not None:  # every rank adapts by the same (global) numbers, so all keep one coefficient
-            kl_sum, completions = _global_sum(all_kl.sum(), all_kl.numel(), device=out[0]["input_ids"].device)
-            self.current_kl_coef = adapt_kl_coef(self.current_kl_coef, kl_sum / max(completions, 1), self.kl_target, self.kl_horizon, int(completions))
-        if self.samples_due(step):
-            self.write_samples(step, *rounds[0])
-        return out
+        return out, rounds, all_kl
 
     def updates(self, batches: list[dict], step: int) -> list[list[dict]]:
         """``ppo_epochs`` passes over the rollout's micro-batches, each shuffled (seeded by the run
@@ -436,21 +467,17 @@ class ProximalPolicyOptimization(OnlinePolicyOptimization):
         """``groups`` one optimizer step at a time (the engine takes updates lazily, so each update
         has been applied before the next is asked for); after each epoch the KL is measured, and an
         epoch that left it past ``kl_bound`` and higher than it found it is undone, ending the step."""
-        model = self._policy
+        model, (kl, references) = self._policy, self._measured  # measured on this rollout by before_step
         batches = [b for group in groups[: self.num_mini_batches] for b in group]  # an epoch holds the rollout once
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        references = {}  # each micro-batch's reference logits, computed once: the reference is frozen
-        kl = self.policy_kl(model, batches, references)
-        for batch in batches:  # logged with the step: the bound's measure of the policy that sampled it
-            batch["step_metrics"]["kl_exact"] = torch.tensor(kl)
+        trainable = _trainable(model)
         for epoch in range(self.ppo_epochs):
             saved = [p.detach().clone() for p in trainable]
+            if epoch == 0:
+                self._step_start = saved  # the weights that sampled this rollout: the next step may come back to them
             yield from groups[epoch * self.num_mini_batches : (epoch + 1) * self.num_mini_batches]
             before, kl = kl, self.policy_kl(model, batches, references)
             if kl > self.kl_bound and kl > before:
-                with torch.no_grad():
-                    for parameter, value in zip(trainable, saved):
-                        parameter.copy_(value)
+                _restore(trainable, saved)
                 log.info("step %d: epoch %d of %d took the KL from %.2f to %.2f nats per completion, past method.kl_bound=%g; "
                          "the epoch is undone and the step's other epochs are skipped",
                          step + 1, epoch + 1, self.ppo_epochs, before, kl, self.kl_bound)  # fmt: skip
@@ -521,6 +548,16 @@ class ProximalPolicyOptimization(OnlinePolicyOptimization):
             log_probs, sequence = self.policy_log_probs(model, train_batch)
             kl = log_probs - self.reference_log_probs(model, self.frozen, train_batch)
         return {"kl": kl.sum(), "kl_exact": torch.tensor(self.exact_kl(model, train_batch))}
+
+
+def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _restore(parameters: list[torch.nn.Parameter], values: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for parameter, value in zip(parameters, values):
+            parameter.copy_(value)
 
 
 def completion_logits(model: torch.nn.Module, batch: dict, chunked: bool) -> tuple[int, object]:
