@@ -260,7 +260,8 @@ class OnlinePolicyOptimization(FullFinetuneSFT):
         curve = plot_metric_panels(
             Path(output_dir) / "metrics.csv", Path(output_dir) / "reward_curve.png",
             [("reward", [("train/reward", "training (sampled)"), ("val/reward", "held-out")]),
-             ("KL to the reference (nats per completion)", [("train/kl", "training"), ("val/kl", "held-out")])],
+             ("KL to the reference (nats per completion)", [("train/kl", "training (sampled)"), ("val/kl", "held-out (sampled)"),
+                                                            ("train/kl_exact", "training (exact, kl_bound)"), ("val/kl_exact", "held-out (exact)")])],
         )  # fmt: skip
         if curve is not None:
             outputs["reward_curve"] = curve
