@@ -65,6 +65,16 @@ def test_generate_and_perplexity_end_to_end(tiny_base_model, data, tmp_path, cap
     assert main(["eval", "perplexity", "--model", str(tiny_base_model), "--data", str(data), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["items"] == 3 and report["perplexity"] > 1
+    assert main(["eval", "generate", "--model", str(tiny_base_model), "--data", str(data), "--metric", "gsm8k", "--max-new-tokens", "80",
+                 "--stop-loops", "-o", str(out)]) == 0  # fmt: skip
+    assert "looped (stopped by the loop guard)" in capsys.readouterr().out
+    assert all("looped" in json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines())
+
+
+def test_the_loop_guard_is_refused_for_an_endpoint(data, capsys):
+    assert main(["eval", "generate", "--model", "http://127.0.0.1:9/v1", "--data", str(data), "--stop-loops"]) == 2
+    err = capsys.readouterr().err
+    assert "--stop-loops needs a model in this process" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("flags", [["--max-new-tokens", "0"], ["--batch-size", "-1"], ["--sample", "--temperature", "0"], ["--top-p", "1.5"], ["--limit", "0"]])

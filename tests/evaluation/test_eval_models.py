@@ -101,6 +101,32 @@ def test_evaluate_generation_writes_predictions_beside_the_scores(model, gsm_fil
     assert saved["generated_tokens"] == sum(r["tokens"] for r in rows) == report.generated_tokens
 
 
+def test_the_loop_guard_stops_a_cycling_answer_and_flags_it(model, gsm_file, tmp_path):
+    """A tiny random model's greedy answers cycle; with the guard each looping answer ends early,
+    is cut after its span's first copy, and is flagged, and the rest come out as without it."""
+    from tunelab.models.sampling import LoopGuard
+
+    items = load_items(str(gsm_file))
+    prompts = [i.prompt for i in items]
+    free = model.generate(prompts, max_new_tokens=120, batch_size=3)
+    guarded = model.generate(prompts, max_new_tokens=120, batch_size=3, stop_loops=True)
+    tok = model.tokenizer
+    guard = LoopGuard(tok)
+    assert sorted(tok.decode([t]).strip() for t in guard.digits if len(tok.decode([t]).strip()) == 1) == list("0123456789")
+    looping = [guard.start(tok(g.text, add_special_tokens=False)["input_ids"]) is not None and not g.ended for g in free]
+    assert any(looping), "a random tiny model's greedy answers cycle"
+    for plain, stopped, loops in zip(free, guarded, looping):
+        assert not plain.looped
+        if stopped.looped:
+            assert not stopped.ended and stopped.tokens < 120 and plain.text.startswith(stopped.text) and len(stopped.text) < len(plain.text)
+        else:
+            assert stopped == plain
+    assert sum(g.looped for g in guarded) >= 1
+    report = evaluate_generation(model, items, ["gsm8k"], GenerationSettings(max_new_tokens=120, batch_size=3, stop_loops=True), "gsm", tmp_path / "out")
+    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["looped"] for r in rows] == [g.looped for g in guarded] == [r["looped"] for r in report.rows]
+
+
 def test_run_folder_and_adapter_load_as_models(tiny_base_model, tmp_path, gsm_file):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

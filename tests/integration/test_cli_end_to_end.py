@@ -15,9 +15,13 @@ def tunelab(*args: str, cwd=None) -> subprocess.CompletedProcess:
 def test_quick_demo_prints_before_after_and_paths(tmp_path):
     done = tunelab("demo", "--quick", "--output-dir", str(tmp_path / "demo"))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "held-out loss:" in done.stdout and "answer after:" in done.stdout
-    for name in ("loss_curve.png", "metrics.csv", "summary.json"):
+    for line in ("held-out loss", "answers in GSM8K's format", "right final number", "answers that loop", "answer before:", "answer after:"):
+        assert line in done.stdout, line
+    for name in ("loss_curve.png", "metrics.csv", "summary.json", "demo.json"):
         assert (tmp_path / "demo" / name).exists()
+    record = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert record["before"]["problems"] == record["after"]["problems"] == 8  # the quick demo's held-out split
+    assert record["loss_after"] < record["loss_before"]
 
 
 def test_bad_input_exits_non_zero_without_traceback(tmp_path):

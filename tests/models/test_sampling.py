@@ -127,3 +127,42 @@ def test_the_reserved_cache_refuses_to_write_past_its_end():
     assert layer.get_seq_length() == 4 and layer.keys[0, 0, 3].eq(1).all()
     with pytest.raises(RuntimeError, match="holds 4 positions"):
         layer.update(torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8))
+
+
+def test_the_loop_guard_knows_a_degenerate_loop_from_numbers_and_a_short_refrain():
+    from tunelab.models.sampling import LoopGuard
+
+    guard = LoopGuard()
+    guard.digits = set(range(10))  # tokens 0-9 are the digits
+    loop = [17, 18, 19] + [20, 21, 22, 23, 24, 25] * 7  # "= 150 / 2 = 150 / 2 = ...": a 6-token span, 42 tokens of it
+    assert guard.start(loop) == 3 + 6  # the first copy of the span stays
+    assert guard.start([5 + 20] * 40) == 1
+    number = [17, 1, 40, 0, 0, 0, 40, 0, 0, 0, 40, 0, 0, 0, 40, 0, 0, 0, 41]  # "1,000,000,000,000.": digits run together
+    assert guard.start(number) is None
+    # a line that comes back with new numbers: "After the 9th turn, it travels 34 meters." ... the 10th, 11th, ...
+    lines = []
+    for turn in range(9, 15):
+        lines += [30, 31] + [int(d) for d in str(turn)] + [32, 33, 34, 35] + [int(d) for d in str(2 * turn + 16)] + [36, 37, 38, 39, 42, 43]
+    start = guard.start([17, 18] + lines)
+    assert start is not None and start == 2 + len([30, 31, 9, 32, 33, 34, 35, 3, 4, 36, 37, 38, 39, 42, 43])  # after the first line
+    refrain = [20, 21, 22, 23] * 3 + list(range(44, 80))  # a phrase three times, then on
+    assert guard.start(refrain) is None and LoopGuard().start(lines) is None  # without digits the numbers differ: no loop
+    rows = torch.tensor([loop, [44 + i for i in range(len(loop))], loop])
+    assert guard.looping(rows, torch.tensor([False, False, True])).tolist() == [True, False, False]  # a finished row is left alone
+
+
+def test_stop_loops_ends_a_looping_greedy_row_where_the_guard_sees_it_and_leaves_others_alone():
+    from tunelab.models.sampling import LoopGuard
+
+    model = tiny_llama()
+    ids, mask = left_padded(PROMPTS)
+    guard = LoopGuard()
+    free = sample(model, ids, mask, 96, None, PAD, greedy=True)
+    guarded = sample(model, ids, mask, 96, None, PAD, greedy=True, loop_guard=guard)
+    assert any(guard.start(row.tolist()) is not None for row in free), "a random tiny model's greedy completions cycle"
+    for row, free_row in zip(guarded, free):
+        kept = row.tolist()
+        cut = next((k for k, t in enumerate(kept) if t == PAD), len(kept))
+        assert kept[:cut] == free_row.tolist()[:cut]  # the guard only ends rows early
+        if cut < len(kept):  # stopped: the tail it kept loops, and it stopped within one check of seeing it
+            assert guard.start(kept[:cut]) is not None and guard.start(kept[: cut - guard.check_every]) is None

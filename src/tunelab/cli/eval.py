@@ -58,6 +58,8 @@ def _generation_options(parser) -> None:
     group.add_argument("--top-p", type=float, default=1.0)
     group.add_argument("--top-k", type=int, default=0)
     group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--stop-loops", action="store_true",
+                       help="end an answer that cycles through one phrase (local models), cut after its first copy and counted as looped")
 
 
 def _items(args, flag: str = "data"):
@@ -80,8 +82,12 @@ def _metrics_and_settings(args):
     metrics = args.metric or ["exact_match"]
     for spec in metrics:
         resolve_metric(spec)
-    settings = GenerationSettings(args.max_new_tokens, not args.sample, args.temperature, args.top_p, args.top_k, args.batch_size, args.seed)
+    settings = GenerationSettings(args.max_new_tokens, not args.sample, args.temperature, args.top_p, args.top_k, args.batch_size, args.seed,
+                                  getattr(args, "stop_loops", False))  # fmt: skip
     settings.check()
+    endpoints = [getattr(args, flag) for flag in ("model", "base", "tuned") if str(getattr(args, flag, "") or "").startswith(("http://", "https://"))]
+    if settings.stop_loops and endpoints:
+        raise UsageError(f"--stop-loops needs a model in this process; {endpoints[0]} generates on its own side (drop --stop-loops).")
     return metrics, settings
 
 

@@ -26,6 +26,7 @@ class GenerationSettings:
     top_k: int = 0
     batch_size: int = 16
     seed: int = 0
+    stop_loops: bool = False  # end (and flag) a completion that cycles through one span (local models)
 
     def check(self) -> None:
         from tunelab.errors import UsageError  # flags out of range: exit 2
@@ -49,7 +50,8 @@ class GenerationReport:
     seconds: float
     generated_tokens: int
     tokens_per_s: float
-    unfinished: int  # completions that ran into max_new_tokens
+    unfinished: int  # completions that ran into max_new_tokens (the loop guard's not counted)
+    looped: int = 0  # completions the loop guard stopped (settings.stop_loops)
     predictions_path: str | None = None
     rows: list[dict] = field(default_factory=list, repr=False)
 
@@ -59,7 +61,8 @@ class GenerationReport:
         for name, s in self.scores.items():
             lines.append(f"  {name:<16} {s['score']:.4f}  (95% CI {s['ci95_low']:.4f} .. {s['ci95_high']:.4f})")
         lines.append(f"  generated {self.generated_tokens:,} tokens in {self.seconds:.1f} s ({self.tokens_per_s:.1f} tokens/s); "
-                     f"{self.unfinished} of {self.items} answers hit the token limit")  # fmt: skip
+                     f"{self.unfinished} of {self.items} answers hit the token limit"
+                     + (f", {self.looped} looped (stopped by the loop guard)" if self.settings.get("stop_loops") else ""))  # fmt: skip
         if self.predictions_path:
             lines.append(f"  predictions: {self.predictions_path}")
         return "\n".join(lines)
@@ -95,10 +98,11 @@ def generate_predictions(model, items: list[EvalItem], settings: GenerationSetti
     generations = model.generate(
         [item.prompt for item in items], max_new_tokens=settings.max_new_tokens, greedy=settings.greedy, temperature=settings.temperature,
         top_p=settings.top_p, top_k=settings.top_k, batch_size=settings.batch_size, seed=settings.seed, stats=stats, progress=progress,
+        **({"stop_loops": True} if settings.stop_loops else {}),
     )  # fmt: skip
     rows = [
         {"id": item.id, "prompt": item.prompt_text(), "reference": item.reference, "prediction": g.text,
-         "tokens": g.tokens, "finished": g.ended, "columns": item.columns}
+         "tokens": g.tokens, "finished": g.ended, "looped": getattr(g, "looped", False), "columns": item.columns}
         for item, g in zip(items, generations)
     ]  # fmt: skip
     return rows, stats
@@ -107,7 +111,7 @@ def generate_predictions(model, items: list[EvalItem], settings: GenerationSetti
 def write_predictions(rows: list[dict], folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "predictions.jsonl"
-    keep = ("id", "prompt", "reference", "prediction", "tokens", "finished", "scores")
+    keep = ("id", "prompt", "reference", "prediction", "tokens", "finished", "looped", "scores")
     atomic_write_text(path, "".join(json.dumps({k: r.get(k) for k in keep}, ensure_ascii=False) + "\n" for r in rows))
     return path
 
@@ -116,17 +120,21 @@ def evaluate_generation(model, items: list[EvalItem], metrics: list, settings: G
                         data_name: str = "", output_dir: str | Path | None = None, progress=None) -> GenerationReport:  # fmt: skip
     """Generate an answer for every item, score them with ``metrics`` and (with ``output_dir``)
     write predictions.jsonl and scores.json there."""
+    from tunelab.errors import UsageError
     from tunelab.evaluation.metrics import resolve_metric
+    from tunelab.evaluation.models import LocalModel
 
     settings = settings or GenerationSettings()
     settings.check()
+    if settings.stop_loops and not isinstance(model, LocalModel):
+        raise UsageError(f"--stop-loops needs a model in this process; {model.name} generates on its own side (drop --stop-loops).")
     for spec in metrics:  # an unknown metric fails before minutes of generation
         resolve_metric(spec)
     rows, stats = generate_predictions(model, items, settings, progress)
     scores = score_rows(rows, metrics)
     report = GenerationReport(
         model.name, data_name, len(items), settings.__dict__.copy(), scores, stats.seconds, stats.tokens, stats.tokens_per_s,
-        sum(1 for r in rows if not r["finished"]), rows=rows,
+        sum(1 for r in rows if not r["finished"] and not r["looped"]), sum(1 for r in rows if r["looped"]), rows=rows,
     )  # fmt: skip
     if output_dir is not None:
         report.predictions_path = str(write_predictions(rows, Path(output_dir)))

@@ -32,6 +32,7 @@ class Generation:
     text: str
     tokens: int  # completion tokens generated
     ended: bool  # stopped at an end-of-sequence token (False: ran into max_new_tokens)
+    looped: bool = False  # stopped by the loop guard (stop_loops): the text ends at the first copy of the repeated span
 
 
 @dataclass
@@ -210,14 +211,19 @@ class LocalModel:
     def generate(
         self, prompts: list, max_new_tokens: int = 256, greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0,
         top_k: int = 0, batch_size: int = 16, seed: int = 0, stats: GenerationStats | None = None, progress=None,
+        stop_loops: bool = False,
     ) -> list[Generation]:
-        """Complete every prompt. Prompts are batched by length (less padding); results come back in order."""
-        from tunelab.models.sampling import sample
+        """Complete every prompt. Prompts are batched by length (less padding); results come back
+        in order. ``stop_loops``: a completion that cycles (``LoopGuard``: one span over and over,
+        numbers aside) is stopped and cut after the span's first copy (``Generation.looped``)."""
+        from tunelab.models.sampling import LoopGuard, sample
 
         tok = self.tokenizer
         encoded = [tok(self.render(p), add_special_tokens=not isinstance(p, list))["input_ids"] for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
         results: list[Generation | None] = [None] * len(prompts)
+        stops = set(self.eos_token_ids) | ({tok.pad_token_id} if stop_loops else set())  # a stopped loop is padded like an ended row
+        guard = LoopGuard(tok) if stop_loops else None
         generator = torch.Generator(device=self.device).manual_seed(seed)
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
@@ -230,14 +236,18 @@ class LocalModel:
             began = time.perf_counter()
             out = sample(
                 self.model, ids.to(self.device), mask.to(self.device), max_new_tokens, self.eos_token_ids, tok.pad_token_id,
-                temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy, generator=generator,
+                temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy, generator=generator, loop_guard=guard,
             ).cpu()
             for r, i in enumerate(rows):
                 row = out[r].tolist()
-                ends = [k for k, t in enumerate(row) if t in self.eos_token_ids]
-                length = ends[0] + 1 if ends else len(row)
-                text = tok.decode(row[: ends[0]] if ends else row, skip_special_tokens=True)
-                results[i] = Generation(text.strip(), length, bool(ends))
+                ends = [k for k, t in enumerate(row) if t in stops]
+                cut = ends[0] if ends else len(row)
+                loop = guard.start(row[:cut]) if guard is not None else None
+                if loop is not None:  # stopped by the guard (the padding after it may read as an end of sequence)
+                    text, length, ended = tok.decode(row[:loop], skip_special_tokens=True), cut, False
+                else:
+                    text, length, ended = tok.decode(row[:cut], skip_special_tokens=True), cut + 1 if ends else cut, bool(ends)
+                results[i] = Generation(text.strip(), length, ended, looped=loop is not None)
                 if stats is not None:
                     stats.tokens += length
             if stats is not None:

@@ -158,11 +158,14 @@ def sample(
     greedy: bool = False,
     repeats: int = 1,
     generator: torch.Generator | None = None,
+    loop_guard: "LoopGuard | None" = None,
 ) -> torch.Tensor:
     """Complete each left-padded prompt of ``input_ids`` ``repeats`` times (consecutive rows)
     with up to ``max_new_tokens`` tokens, greedily or by sampling at ``temperature`` after top-k
     and top-p filtering. Returns the new tokens, (prompts x repeats, at most max_new_tokens),
     with ``pad_token_id`` after a row's end of sequence; the loop stops when every row has ended.
+    ``loop_guard``: a row also ends once its tail loops (``LoopGuard``; checked every
+    ``loop_guard.check_every`` tokens).
     The model runs as it is (the caller sets eval mode and autocast)."""
     decoder = _Decoder(model)
     prompt_length = input_ids.shape[1]
@@ -188,12 +191,69 @@ def sample(
         token = torch.where(done, torch.full_like(token, pad_token_id), token)
         tokens.append(token)
         done = done | torch.isin(token, ends)
+        if loop_guard is not None and (t + 1) % loop_guard.check_every == 0:
+            done = done | loop_guard.looping(torch.stack(tokens, dim=1), done)
         if t + 1 == max_new_tokens or bool(done.all()):
             break
         mask[:, prompt_length + t] = 1
         position = position + 1
         logits = decoder(token[:, None], mask[:, : prompt_length + t + 1], position, cache)
     return torch.stack(tokens, dim=1)
+
+
+class LoopGuard:
+    """Knows a degenerate loop in a completion: its tail is one span of at most ``max_period``
+    symbols repeated at least ``min_repeats`` times and over at least ``min_symbols`` symbols,
+    where a symbol is a token, except that a run of digit tokens reads as one symbol. So
+    "= 150 / 2 = 150 / 2 = ..." loops, and so does a line that comes back with new numbers
+    ("After the 13th turn, it travels 34 meters. After the 14th turn, ..."), while "1,000,000" or
+    one repeated line does not. Greedy decoding of a small model can run either way until the
+    token limit. ``tokenizer`` tells which tokens are digits (none: no token is)."""
+
+    def __init__(self, tokenizer=None, min_symbols: int = 32, min_repeats: int = 4, max_period: int = 64, check_every: int = 8):
+        self.min_symbols, self.min_repeats, self.max_period, self.check_every = min_symbols, min_repeats, max_period, check_every
+        self.digits: set[int] = set()
+        if tokenizer is not None:
+            pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+            stripped = [(piece or "").strip("Ġ▁ ") for piece in pieces]  # byte-level and sentencepiece space marks
+            self.digits = {i for i, piece in enumerate(stripped) if piece.isascii() and piece.isdigit()}
+
+    def symbols(self, tokens: list[int]) -> tuple[list[int], list[int]]:
+        """The completion as symbols (a run of digits: -1), and where each symbol starts in ``tokens``."""
+        symbols, starts = [], []
+        for k, token in enumerate(tokens):
+            digit = token in self.digits
+            if digit and symbols and symbols[-1] == -1:
+                continue
+            symbols.append(-1 if digit else token)
+            starts.append(k)
+        return symbols, starts
+
+    def start(self, tokens: list[int]) -> int | None:
+        """Where the repetition begins in ``tokens`` when its tail loops (the first copy of the
+        repeated span is kept: it ends there); None when it does not loop."""
+        symbols, starts = self.symbols(tokens)
+        for period in range(1, self.max_period + 1):
+            span = max(self.min_repeats * period, self.min_symbols)
+            if span > len(symbols):
+                break
+            tail = symbols[len(symbols) - span :]
+            if tail[period:] == tail[:-period]:
+                first = len(symbols) - span
+                while first > 0 and symbols[first - 1] == symbols[first - 1 + period]:
+                    first -= 1
+                return starts[first + period]
+        return None
+
+    def looping(self, tokens: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        """Which rows of ``tokens`` (rows x generated so far) loop, among those not ``done``."""
+        rows = [i for i, finished in enumerate(done.tolist()) if not finished]
+        flags = torch.zeros_like(done)
+        if rows:
+            table = tokens[rows].tolist()
+            for i, row in zip(rows, table):
+                flags[i] = self.start(row) is not None
+        return flags
 
 
 @contextmanager
