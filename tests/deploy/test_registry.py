@@ -125,6 +125,8 @@ def test_promote_rollback_delete_and_diff(url, tmp_path):
     registry.promote("m", 1)
     registry.promote("m", 2, "staging")
     assert registry.resolve("m@production").version == 1 and registry.resolve("m").version == 1 and registry.resolve("m@staging").version == 2
+    with pytest.raises(TunelabError, match="is in production: staging is for a candidate"):
+        registry.promote("m", 1, "staging")  # it would leave no production version
     registry.promote("m", 2)
     registry.promote("m", 3)
     assert [(v.version, v.stage) for v in registry.list_versions("m")] == [(1, "archived"), (2, "archived"), (3, "production")]

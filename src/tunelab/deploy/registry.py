@@ -225,6 +225,8 @@ class Registry:
             current = next((r.version for r in rows if r.stage == stage), None)
             if current == version:
                 return self.get(name, version)
+            if stage == "staging" and any(r.version == version and r.stage == "production" for r in rows):
+                raise TunelabError(f"{name}@{version} is in production: staging is for a candidate; promote another version to production first.")
             self._set_stage(connection, name, current, "archived" if stage == "production" else "none")
             self._set_stage(connection, name, version, stage)
             self._event(connection, name, version, stage, "promote", current, by)
