@@ -159,13 +159,17 @@ def sample(
     repeats: int = 1,
     generator: torch.Generator | None = None,
     loop_guard: "LoopGuard | None" = None,
+    row_limits: torch.Tensor | None = None,
+    on_step=None,
 ) -> torch.Tensor:
     """Complete each left-padded prompt of ``input_ids`` ``repeats`` times (consecutive rows)
     with up to ``max_new_tokens`` tokens, greedily or by sampling at ``temperature`` after top-k
     and top-p filtering. Returns the new tokens, (prompts x repeats, at most max_new_tokens),
     with ``pad_token_id`` after a row's end of sequence; the loop stops when every row has ended.
     ``loop_guard``: a row also ends once its tail loops (``LoopGuard``; checked every
-    ``loop_guard.check_every`` tokens).
+    ``loop_guard.check_every`` tokens). ``row_limits``: each row's own token limit (at most
+    ``max_new_tokens``). ``on_step(tokens)``: called with each step's new token of every row (a
+    server streams them).
     The model runs as it is (the caller sets eval mode and autocast)."""
     decoder = _Decoder(model)
     prompt_length = input_ids.shape[1]
@@ -190,7 +194,11 @@ def sample(
             token = draw(torch.softmax(scores, dim=-1), generator)
         token = torch.where(done, torch.full_like(token, pad_token_id), token)
         tokens.append(token)
+        if on_step is not None:
+            on_step(token)
         done = done | torch.isin(token, ends)
+        if row_limits is not None:
+            done = done | (row_limits <= t + 1)
         if loop_guard is not None and (t + 1) % loop_guard.check_every == 0:
             done = done | loop_guard.looping(torch.stack(tokens, dim=1), done)
         if t + 1 == max_new_tokens or bool(done.all()):

@@ -1,0 +1,451 @@
+"""``tunelab serve``: one base model and its LoRA (any peft) adapters behind an OpenAI-compatible
+HTTP API (FastAPI and uvicorn).
+
+A request names the base or an adapter in its ``model`` field. Requests wait in one bounded queue
+(full: 503 with Retry-After). One worker thread owns the model: it takes the oldest request and
+every waiting request for the same model and sampling settings, up to ``max_batch``, and decodes
+them as one left-padded batch with tunelab's decoding loop (a reserved KV cache), each row to its
+own token limit; every new token goes to its request as it is decoded, so streaming is real.
+Adapters load at start, on ``POST /v1/adapters`` or on first use (from the allowed folders only),
+at most ``max_resident`` at once, the least recently used unloaded first.
+
+    server = ModelServer(load_eval_model("smollm2-135m"), adapters={"gsm8k": "runs/gsm8k/checkpoints/step-000060"})
+    uvicorn.run(create_app(server), host="127.0.0.1", port=8000)
+"""
+
+import asyncio
+import json
+import queue
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tunelab.errors import TunelabError
+
+
+class ServeError(Exception):
+    """An error the API answers with: an HTTP status and OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.headers = status, message, kind, code, headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": None, "code": self.code}}
+
+
+@dataclass
+class Job:
+    """One request's generation: what to decode, and where its tokens go."""
+
+    model: str  # the base's name or an adapter's
+    prompt: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    tokens: list[int] = field(default_factory=list)
+    finish: str | None = None
+    queued: float = field(default_factory=time.perf_counter)
+
+    def key(self) -> tuple:
+        return (self.model, self.temperature, self.top_p)
+
+    def send(self, event: tuple) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the request's event loop is gone (the server is stopping): nobody waits for it
+            pass
+
+
+@dataclass
+class Limits:
+    max_batch: int = 8
+    queue_size: int = 64
+    max_prompt_tokens: int = 2048
+    max_tokens: int = 1024
+    max_body_bytes: int = 1 << 20
+    max_resident: int = 4
+    request_seconds: float = 300.0
+
+
+class ModelServer:
+    """The model, its adapters and the worker that decodes batches."""
+
+    def __init__(self, local, adapters: dict[str, str] | None = None, adapter_dirs: list[str] | None = None, limits: Limits | None = None,
+                 name: str | None = None):  # fmt: skip
+        self.local, self.tokenizer = local, local.tokenizer
+        self.base, self.name = local.model, name or Path(str(local.name)).name
+        self.limits = limits or Limits()
+        self.adapter_dirs = [Path(d).resolve() for d in (adapter_dirs or [])]
+        self.known: dict[str, Path] = {}  # adapter name -> folder (loaded on first use when not resident)
+        self.resident: OrderedDict[str, Path] = OrderedDict()  # least recently used first
+        self.peft = None
+        self.lock = threading.Lock()  # the model: loading adapters and decoding never overlap
+        self.jobs: "queue.Queue[Job]" = queue.Queue(maxsize=self.limits.queue_size)
+        self.waiting: deque[Job] = deque()  # taken from the queue, not yet batched
+        self.counts = {"requests": 0, "batches": 0, "batched_requests": 0, "completion_tokens": 0}
+        for adapter, path in (adapters or {}).items():
+            self.add_adapter(adapter, path, trusted=True)
+        self.worker = threading.Thread(target=self._work, name="tunelab-serve-worker", daemon=True)
+        self.worker.start()
+
+    # ----------------------------------------------------------------------------- adapters
+
+    def models(self) -> list[str]:
+        return [self.name, *self.known]
+
+    def add_adapter(self, name: str, path: str, trusted: bool = False) -> None:
+        """Know ``name`` as the adapter in ``path`` and load it now (within the allowed folders
+        unless given at start)."""
+        if not name or name == self.name or "/" in name:
+            raise ServeError(400, f"adapter name {name!r} is taken by the base or not a plain name")
+        folder = Path(path).expanduser().resolve()
+        if not trusted and not any(folder == d or d in folder.parents for d in self.adapter_dirs):
+            allowed = ", ".join(str(d) for d in self.adapter_dirs) or "none (start the server with --adapter-dir DIR)"
+            raise ServeError(403, f"adapter path {path!r} is outside the folders adapters may be loaded from: {allowed}", "permission_error")
+        if not (folder / "adapter_config.json").is_file():
+            raise ServeError(400, f"{path!r} holds no adapter_config.json: give a peft adapter folder (what tunelab saves with save_ckpt_type=peft)")
+        with self.lock:
+            self.known[name] = folder
+            self._load(name)
+
+    def remove_adapter(self, name: str) -> None:
+        if name not in self.known:
+            raise ServeError(404, f"no adapter named {name!r}; loaded: {', '.join(self.known) or 'none'}", code="model_not_found")
+        with self.lock:
+            if name in self.resident:
+                self.peft.delete_adapter(name)
+                del self.resident[name]
+            del self.known[name]
+
+    def _load(self, name: str) -> None:
+        """Make ``name`` resident (the lock held)."""
+        from peft import PeftModel
+
+        if name in self.resident:
+            self.resident.move_to_end(name)
+            return
+        while len(self.resident) >= self.limits.max_resident:
+            evicted, _ = self.resident.popitem(last=False)
+            self.peft.delete_adapter(evicted)
+        try:
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(self.base, str(self.known[name]), adapter_name=name).eval()
+            else:
+                self.peft.load_adapter(str(self.known[name]), adapter_name=name)
+        except (RuntimeError, ValueError, OSError) as err:
+            folder = self.known.pop(name)
+            raise ServeError(400, f"adapter {name!r} at {folder} does not load on {self.name}: {str(err).splitlines()[0]}") from None
+        self.resident[name] = self.known[name]
+
+    def _model_for(self, name: str):
+        """The module to decode with for ``name`` (the lock held) and a context that sets it up."""
+        import contextlib
+
+        if name == self.name:
+            if self.peft is None:
+                return self.base, contextlib.nullcontext()
+            return self.peft, self.peft.disable_adapter()
+        self._load(name)
+        self.peft.set_adapter(name)
+        return self.peft, contextlib.nullcontext()
+
+    # ----------------------------------------------------------------------------- requests
+
+    def check_model(self, name: str) -> str:
+        if name == self.name or name in self.known:
+            return name
+        raise ServeError(404, f"The model {name!r} does not exist; served: {', '.join(self.models())}", code="model_not_found")
+
+    def submit(self, job: Job) -> None:
+        if len(job.prompt) > self.limits.max_prompt_tokens:
+            raise ServeError(400, f"the prompt has {len(job.prompt)} tokens; this server takes at most {self.limits.max_prompt_tokens}", code="context_length_exceeded")
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise ServeError(503, f"the server is busy ({self.limits.queue_size} requests waiting); retry shortly", "server_error",
+                             headers={"Retry-After": "1"}) from None  # fmt: skip
+        self.counts["requests"] += 1
+
+    def _work(self) -> None:
+        while True:
+            job = self.waiting.popleft() if self.waiting else self.jobs.get()
+            batch = [job]
+            while True:  # everything waiting now, the same model and settings first
+                try:
+                    self.waiting.append(self.jobs.get_nowait())
+                except queue.Empty:
+                    break
+            for other in list(self.waiting):
+                if len(batch) < self.limits.max_batch and other.key() == job.key():
+                    self.waiting.remove(other)
+                    batch.append(other)
+            try:
+                self._decode(batch)
+            except ServeError as err:
+                for j in batch:
+                    j.send(("error", err))
+            except Exception as err:  # noqa: BLE001 - a failed batch answers its requests and the server goes on
+                for j in batch:
+                    j.send(("error", ServeError(500, f"generation failed: {type(err).__name__}: {err}", "server_error")))
+
+    def _decode(self, batch: list[Job]) -> None:
+        from tunelab.evaluation.models import _eos_ids
+        from tunelab.models.sampling import sample
+
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        width = max(len(j.prompt) for j in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, j in enumerate(batch):
+            ids[r, width - len(j.prompt) :] = torch.tensor(j.prompt)
+            mask[r, width - len(j.prompt) :] = 1
+        first = batch[0]
+        with self.lock:
+            model, context = self._model_for(first.model)
+            eos = set(_eos_ids(model, self.tokenizer))
+            device = next(model.parameters()).device
+
+            def on_step(tokens: torch.Tensor) -> None:
+                for j, token in zip(batch, tokens.tolist()):
+                    if j.finish is not None:
+                        continue
+                    if token in eos:
+                        j.finish = "stop"
+                    else:
+                        j.tokens.append(token)
+                        j.send(("token", token))
+                        if len(j.tokens) >= j.max_tokens:
+                            j.finish = "length"
+                    if j.finish is not None:
+                        j.send(("done", j.finish))
+
+            with context, torch.no_grad():
+                sample(model, ids.to(device), mask.to(device), max(j.max_tokens for j in batch), sorted(eos), pad,
+                       temperature=max(first.temperature, 1e-6), top_p=first.top_p, greedy=first.temperature == 0,
+                       row_limits=torch.tensor([j.max_tokens for j in batch], device=device), on_step=on_step)  # fmt: skip
+        for j in batch:
+            if j.finish is None:
+                j.finish = "length"
+                j.send(("done", "length"))
+        self.counts["batches"] += 1
+        self.counts["batched_requests"] += len(batch)
+        self.counts["completion_tokens"] += sum(len(j.tokens) for j in batch)
+
+    def token_logprobs(self, model_name: str, tokens: list[int], top: int) -> tuple[list[float | None], list[dict | None]]:
+        """Each token's log-probability given those before it (the first: None), and the ``top``
+        most likely tokens at each position, under ``model_name``."""
+        with self.lock:
+            model, context = self._model_for(model_name)
+            device = next(model.parameters()).device
+            with context, torch.no_grad():
+                logits = model(input_ids=torch.tensor([tokens], device=device)).logits[0].float()
+        log_probs = logits.log_softmax(-1)
+        values: list[float | None] = [None] + [float(log_probs[k - 1, t]) for k, t in enumerate(tokens) if k > 0]
+        tops: list[dict | None] = [None]
+        for k in range(1, len(tokens)):
+            best = torch.topk(log_probs[k - 1], top) if top else None
+            tops.append({self.tokenizer.decode([int(i)]): float(v) for v, i in zip(best.values, best.indices)} if best is not None else None)
+        return values, tops
+
+
+# ----------------------------------------------------------------------------- the HTTP API
+
+
+def create_app(server: ModelServer, api_key: str | None = None):
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    app = FastAPI(title="tunelab serve", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(ServeError)
+    async def _serve_error(_request, err: ServeError):
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        try:
+            if api_key is not None and request.headers.get("authorization", "") != f"Bearer {api_key}":
+                raise ServeError(401, "Missing or wrong API key: send Authorization: Bearer KEY.", "authentication_error", "invalid_api_key")
+            size = request.headers.get("content-length")
+            if size is not None and size.isdigit() and int(size) > server.limits.max_body_bytes:
+                raise ServeError(413, f"the request body has {size} bytes; this server takes at most {server.limits.max_body_bytes}")
+        except ServeError as err:
+            return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+        return await call_next(request)
+
+    async def body_of(request: Request) -> dict:
+        try:
+            body = json.loads(await request.body())
+        except ValueError as err:
+            raise ServeError(400, f"the request body is not valid JSON: {err}") from None
+        if not isinstance(body, dict):
+            raise ServeError(400, "the request body must be a JSON object")
+        return body
+
+    def settings(body: dict) -> tuple[int, float, float]:
+        max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 256))
+        temperature, top_p = body.get("temperature", 1.0), body.get("top_p", 1.0)
+        if not isinstance(max_tokens, int) or max_tokens < 0 or max_tokens > server.limits.max_tokens:
+            raise ServeError(400, f"max_tokens must be an integer from 0 to {server.limits.max_tokens}", code="invalid_value")
+        if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
+            raise ServeError(400, "temperature must be a number from 0 to 2", code="invalid_value")
+        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise ServeError(400, "top_p must be a number in (0, 1]", code="invalid_value")
+        if body.get("n", 1) != 1:
+            raise ServeError(400, "n must be 1 on this server", code="invalid_value")
+        return max_tokens, float(temperature), float(top_p)
+
+    async def run(model: str, prompt: list[int], max_tokens: int, temperature: float, top_p: float) -> Job:
+        loop = asyncio.get_running_loop()
+        job = Job(model, prompt, max_tokens, temperature, top_p, loop, asyncio.Queue())
+        if max_tokens == 0:
+            job.finish = "length"
+            job.send(("done", "length"))
+            return job
+        server.submit(job)
+        return job
+
+    async def events(job: Job):
+        deadline = time.monotonic() + server.limits.request_seconds
+        while True:
+            try:
+                kind, value = await asyncio.wait_for(job.events.get(), timeout=max(deadline - time.monotonic(), 0.001))
+            except asyncio.TimeoutError:
+                raise ServeError(504, f"the request ran past {server.limits.request_seconds:g} s", "server_error") from None
+            if kind == "error":
+                raise value
+            yield kind, value
+            if kind == "done":
+                return
+
+    def usage(job: Job) -> dict:
+        return {"prompt_tokens": len(job.prompt), "completion_tokens": len(job.tokens), "total_tokens": len(job.prompt) + len(job.tokens)}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "tunelab"} for m in server.models()]}
+
+    @app.post("/v1/adapters")
+    async def load_adapter(request: Request):
+        body = await body_of(request)
+        if not isinstance(body.get("name"), str) or not isinstance(body.get("path"), str):
+            raise ServeError(400, 'give {"name": NAME, "path": FOLDER}')
+        await asyncio.to_thread(server.add_adapter, body["name"], body["path"])
+        return {"loaded": body["name"], "models": server.models()}
+
+    @app.delete("/v1/adapters/{name}")
+    async def unload_adapter(name: str):
+        await asyncio.to_thread(server.remove_adapter, name)
+        return {"unloaded": name, "models": server.models()}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        from tunelab.data import render
+
+        body = await body_of(request)
+        model = server.check_model(str(body.get("model", "")))
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+            raise ServeError(400, "messages must be a non-empty list of {role, content}", code="invalid_value")
+        max_tokens, temperature, top_p = settings(body)
+        text = render(server.tokenizer, [{"role": m["role"], "content": str(m["content"])} for m in messages], add_generation_prompt=True)
+        job = await run(model, server.tokenizer(text, add_special_tokens=False)["input_ids"], max_tokens, temperature, top_p)
+        ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if body.get("stream"):
+            return StreamingResponse(stream_chat(job, ident, created, model, bool((body.get("stream_options") or {}).get("include_usage"))),
+                                     media_type="text/event-stream")  # fmt: skip
+        async for _ in events(job):
+            pass
+        content = server.tokenizer.decode(job.tokens, skip_special_tokens=True)
+        return {"id": ident, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": job.finish}],
+                "usage": usage(job)}  # fmt: skip
+
+    async def stream_chat(job: Job, ident: str, created: int, model: str, include_usage: bool):
+        def chunk(delta: dict, finish: str | None = None) -> str:
+            return "data: " + json.dumps({"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                                          "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n"  # fmt: skip
+
+        yield chunk({"role": "assistant", "content": ""})
+        shown = ""
+        try:
+            async for kind, _value in events(job):
+                if kind == "token":
+                    text = server.tokenizer.decode(job.tokens, skip_special_tokens=True)
+                    if not text.endswith("\ufffd"):  # a character still incomplete waits for its next bytes
+                        yield chunk({"content": text[len(shown) :]})
+                        shown = text
+            text = server.tokenizer.decode(job.tokens, skip_special_tokens=True)
+            if text != shown:
+                yield chunk({"content": text[len(shown) :]})
+            yield chunk({}, job.finish)
+            if include_usage:
+                yield "data: " + json.dumps({"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                                             "choices": [], "usage": usage(job)}) + "\n\n"  # fmt: skip
+        except ServeError as err:
+            yield "data: " + json.dumps(err.body()) + "\n\n"
+        yield "data: [DONE]\n\n"
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await body_of(request)
+        model = server.check_model(str(body.get("model", "")))
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise ServeError(400, "prompt must be a string (one prompt per request on this server)", code="invalid_value")
+        if body.get("stream"):
+            raise ServeError(400, "stream is available on /v1/chat/completions; /v1/completions answers whole", code="invalid_value")
+        max_tokens, temperature, top_p = settings(body)
+        logprobs, echo = body.get("logprobs"), bool(body.get("echo", False))
+        if logprobs is not None and (not isinstance(logprobs, int) or not 0 <= logprobs <= 20):
+            raise ServeError(400, "logprobs must be an integer from 0 to 20", code="invalid_value")
+        prompt_ids = server.tokenizer(prompt)["input_ids"]
+        job = await run(model, prompt_ids, max_tokens, temperature, top_p)
+        async for _ in events(job):
+            pass
+        completion = server.tokenizer.decode(job.tokens, skip_special_tokens=True)
+        choice = {"index": 0, "text": (prompt if echo else "") + completion, "logprobs": None, "finish_reason": job.finish}
+        if logprobs is not None:
+            scored = prompt_ids + job.tokens
+            values, tops = await asyncio.to_thread(server.token_logprobs, model, scored, logprobs)
+            start = 0 if echo else len(prompt_ids)
+            pieces = [server.tokenizer.decode([t]) for t in scored]
+            offsets, position = [], 0
+            for piece in pieces:
+                offsets.append(position)
+                position += len(piece)
+            choice["logprobs"] = {"tokens": pieces[start:], "token_logprobs": values[start:], "top_logprobs": tops[start:],
+                                  "text_offset": [o - (offsets[start] if start < len(offsets) else 0) for o in offsets[start:]]}  # fmt: skip
+        return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()), "model": model,
+                "choices": [choice], "usage": usage(job)}  # fmt: skip
+
+    @app.get("/metrics")
+    async def metrics():
+        from fastapi.responses import PlainTextResponse
+
+        lines = [f"tunelab_{key}_total {value}" for key, value in server.counts.items()]
+        lines.append(f"tunelab_queue_waiting {server.jobs.qsize() + len(server.waiting)}")
+        return PlainTextResponse("\n".join(lines) + "\n")
+
+    return app
+
+
+def parse_adapters(specs: list[str]) -> dict[str, str]:
+    """``NAME=PATH`` flags as a dict."""
+    adapters = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise TunelabError(f"--adapter {spec!r}: write NAME=PATH (the name requests use in their model field).")
+        adapters[name] = path
+    return adapters

@@ -1,0 +1,223 @@
+"""tunelab serve against the official openai client: models, chat (whole and streamed), completions
+with logprobs and echo, adapters (at start and hot-loaded), batching, and refusals that leave the
+server serving."""
+
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+openai = pytest.importorskip("openai", reason="the openai client is a dev dependency (pip install -e .[dev])")
+pytest.importorskip("fastapi", reason="tunelab serve needs fastapi and uvicorn (pip install 'tunelab[serve]')")
+
+
+def make_adapter(base_folder, folder, seed: int):
+    """A LoRA adapter with non-zero weights, so that it changes what the base says."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_folder),
+                           LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))  # fmt: skip
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def served(tiny_base_model, tmp_path_factory):
+    import uvicorn
+
+    from tunelab.deploy.server import Limits, ModelServer, create_app
+    from tunelab.evaluation.models import load_eval_model
+
+    adapters = tmp_path_factory.mktemp("adapters")
+    first, second, third = (make_adapter(tiny_base_model, adapters / name, seed) for name, seed in (("a1", 1), ("a2", 2), ("a3", 3)))
+    server = ModelServer(load_eval_model(str(tiny_base_model), device="cpu"), {"a1": str(first), "a2": str(second)}, [str(adapters)],
+                         Limits(max_batch=8, queue_size=16, max_tokens=64), name="tiny")  # fmt: skip
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(create_app(server, api_key="secret"), host="127.0.0.1", port=port, log_level="warning")
+    http = uvicorn.Server(config)
+    thread = threading.Thread(target=http.run, daemon=True)
+    thread.start()
+    while not http.started:
+        time.sleep(0.05)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="secret", max_retries=0)
+    yield {"client": client, "server": server, "port": port, "third": third, "base": tiny_base_model}
+    http.should_exit = True
+    thread.join(timeout=10)
+
+
+def local_greedy(base_folder, adapter, messages, max_tokens: int) -> str:
+    """What the model says, run here without the server (the reference)."""
+    from tunelab.evaluation.models import load_eval_model
+
+    local = load_eval_model(str(base_folder), adapter=str(adapter) if adapter else None, device="cpu")
+    return local.generate([messages], max_new_tokens=max_tokens, greedy=True)[0].text
+
+
+MESSAGES = [{"role": "user", "content": "Tom has 3 apples and buys 4 more. How many?"}]
+
+
+def call(port: int, method: str, path: str, body=None, raw: bytes | None = None, key: str = "secret") -> tuple[int, dict]:
+    """One HTTP request with the standard library: (status, JSON body)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method,
+                                     headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_models_and_chat_for_the_base_and_each_adapter(served):
+    client = served["client"]
+    assert [m.id for m in client.models.list().data] == ["tiny", "a1", "a2"]
+    answers = {}
+    for model, adapter in (("tiny", None), ("a1", served["server"].known["a1"]), ("a2", served["server"].known["a2"])):
+        reply = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=12, temperature=0)
+        answers[model] = reply.choices[0].message.content
+        assert reply.usage.completion_tokens <= 12 and reply.usage.prompt_tokens > 10 and reply.choices[0].finish_reason in ("stop", "length")
+        assert answers[model].strip() == local_greedy(served["base"], adapter, MESSAGES, 12)
+    assert len(set(answers.values())) == 3  # each adapter changes the answer
+
+
+def test_streamed_chat_is_the_whole_answer_in_pieces(served):
+    client = served["client"]
+    whole = client.chat.completions.create(model="a1", messages=MESSAGES, max_tokens=16, temperature=0)
+    pieces = list(client.chat.completions.create(model="a1", messages=MESSAGES, max_tokens=16, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
+    assert text == whole.choices[0].message.content and len([c for c in pieces if c.choices]) > 3
+    assert pieces[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_completions_logprobs_and_echo_match_a_forward_pass(served):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    client = served["client"]
+    reply = client.completions.create(model="tiny", prompt="The capital of France is", max_tokens=0, echo=True, logprobs=2)
+    logprobs = reply.choices[0].logprobs
+    tokenizer = AutoTokenizer.from_pretrained(served["base"])
+    ids = tokenizer("The capital of France is")["input_ids"]
+    with torch.no_grad():
+        log_probs = AutoModelForCausalLM.from_pretrained(served["base"])(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+    assert logprobs.token_logprobs[0] is None and len(logprobs.tokens) == len(ids)
+    assert logprobs.token_logprobs[1:] == pytest.approx([float(log_probs[k - 1, t]) for k, t in enumerate(ids) if k > 0], abs=1e-4)
+    assert all(len(top) == 2 for top in logprobs.top_logprobs[1:]) and reply.choices[0].text == "The capital of France is"
+    generated = client.completions.create(model="tiny", prompt="The capital of France is", max_tokens=5, temperature=0, logprobs=0)
+    assert len(generated.choices[0].logprobs.tokens) == generated.usage.completion_tokens
+
+
+def test_concurrent_requests_for_different_adapters_are_batched_and_answer_as_alone(served):
+    client, server = served["client"], served["server"]
+    alone = {m: client.chat.completions.create(model=m, messages=MESSAGES, max_tokens=10, temperature=0).choices[0].message.content
+             for m in ("a1", "a2")}  # fmt: skip
+    batches_before = server.counts["batches"]
+    results = {}
+
+    def ask(i):
+        model = ("a1", "a2")[i % 2]
+        results[i] = (model, client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=10, temperature=0).choices[0].message.content)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(text == alone[model] for model, text in results.values())
+    assert server.counts["batches"] - batches_before < 8  # some requests shared a batch
+
+
+def test_hot_loading_and_unloading_an_adapter(served):
+    client, port = served["client"], served["port"]
+    status, loaded = call(port, "POST", "/v1/adapters", {"name": "a3", "path": str(served["third"])})
+    assert status == 200 and "a3" in loaded["models"]
+    reply = client.chat.completions.create(model="a3", messages=MESSAGES, max_tokens=8, temperature=0)
+    assert reply.choices[0].message.content.strip() == local_greedy(served["base"], served["third"], MESSAGES, 8)
+    status, outside = call(port, "POST", "/v1/adapters", {"name": "x", "path": "/etc"})
+    assert status == 403 and "outside the folders" in outside["error"]["message"]
+    assert call(port, "DELETE", "/v1/adapters/a3")[0] == 200
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="a3", messages=MESSAGES, max_tokens=8)
+
+
+def test_refusals_have_the_right_status_and_the_server_keeps_serving(served):
+    client, port = served["client"], served["port"]
+    with pytest.raises(openai.NotFoundError, match="'nope' does not exist"):
+        client.chat.completions.create(model="nope", messages=MESSAGES)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.BadRequestError, match="max_tokens must be an integer from 0 to 64"):
+        client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=1000)
+    with pytest.raises(openai.BadRequestError, match="messages must be a non-empty list"):
+        client.chat.completions.create(model="tiny", messages=[])
+    status, broken = call(port, "POST", "/v1/chat/completions", raw=b'{"model": "tiny", "messages": [')
+    assert status == 400 and "not valid JSON" in broken["error"]["message"]
+    import http.client
+    import json
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)  # announces a 5 MB body: refused before it is sent
+    connection.putrequest("POST", "/v1/chat/completions")
+    for header, value in (("Authorization", "Bearer secret"), ("Content-Type", "application/json"), ("Content-Length", str(5 << 20))):
+        connection.putheader(header, value)
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 413 and "at most 1048576" in json.loads(response.read())["error"]["message"]
+    connection.close()
+    assert call(port, "GET", "/v1/models", key="wrong")[0] == 401
+    assert client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4).choices[0].message.content is not None
+
+
+def test_a_full_queue_answers_503_with_retry_after(tiny_base_model):
+    import asyncio
+
+    from tunelab.deploy.server import Job, Limits, ModelServer, ServeError
+    from tunelab.evaluation.models import load_eval_model
+
+    server = ModelServer(load_eval_model(str(tiny_base_model), device="cpu"), limits=Limits(queue_size=1), name="tiny")
+    loop = asyncio.new_event_loop()
+    with server.lock:  # the worker cannot decode: requests pile up in the queue
+        jobs = [Job("tiny", [1, 2, 3], 4, 0.0, 1.0, loop, asyncio.Queue()) for _ in range(3)]
+        server.submit(jobs[0])
+        time.sleep(0.2)  # the worker takes it and waits for the model
+        server.submit(jobs[1])
+        with pytest.raises(ServeError) as refused:
+            server.submit(jobs[2])
+    assert refused.value.status == 503 and refused.value.headers == {"Retry-After": "1"}
+    loop.close()
+
+
+def test_the_command_line_serves_on_localhost(tmp_path):
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "tunelab", "serve", "--model", "tiny-llama", "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        for _ in range(600):
+            try:
+                status, models = call(port, "GET", "/v1/models")
+                break
+            except OSError:
+                if process.poll() is not None:
+                    pytest.fail(process.stdout.read())
+                time.sleep(0.1)
+        assert status == 200 and [m["id"] for m in models["data"]] == ["tiny-llama"]
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    assert f"Serving tiny-llama on http://127.0.0.1:{port}/v1" in output
+    bad = subprocess.run([sys.executable, "-m", "tunelab", "serve", "--model", "tiny-llama", "--adapter", "nopath"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "write NAME=PATH" in bad.stderr
