@@ -32,10 +32,14 @@ def served(tiny_base_model, tmp_path_factory):
     from tunelab.deploy.server import Limits, ModelServer, create_app
     from tunelab.evaluation.models import load_eval_model
 
+    from tunelab.deploy.registry import Registry
+
     adapters = tmp_path_factory.mktemp("adapters")
     first, second, third = (make_adapter(tiny_base_model, adapters / name, seed) for name, seed in (("a1", 1), ("a2", 2), ("a3", 3)))
+    registry = Registry(f"sqlite:///{tmp_path_factory.mktemp('registry') / 'registry.db'}")
+    registry.register("m", first), registry.register("m", second)
     server = ModelServer(load_eval_model(str(tiny_base_model), device="cpu"), {"a1": str(first), "a2": str(second)}, [str(adapters)],
-                         Limits(max_batch=8, queue_size=16, max_tokens=64), name="tiny")  # fmt: skip
+                         Limits(max_batch=8, queue_size=16, max_tokens=64), name="tiny", registry=registry)  # fmt: skip
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -46,7 +50,7 @@ def served(tiny_base_model, tmp_path_factory):
     while not http.started:
         time.sleep(0.05)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="secret", max_retries=0)
-    yield {"client": client, "server": server, "port": port, "third": third, "base": tiny_base_model}
+    yield {"client": client, "server": server, "port": port, "third": third, "base": tiny_base_model, "registry": registry}
     http.should_exit = True
     thread.join(timeout=10)
 
@@ -153,6 +157,28 @@ def test_hot_loading_and_unloading_an_adapter(served):
     assert call(port, "DELETE", "/v1/adapters/a3")[0] == 200
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.chat.completions.create(model="a3", messages=MESSAGES, max_tokens=8)
+
+
+def test_registry_references_follow_promotion_and_rollback_without_a_restart(served):
+    client, registry = served["client"], served["registry"]
+    answers = {m: client.chat.completions.create(model=m, messages=MESSAGES, max_tokens=8, temperature=0).choices[0].message.content for m in ("a1", "a2")}
+
+    def production() -> str:
+        reply = client.chat.completions.create(model="m@production", messages=MESSAGES, max_tokens=8, temperature=0)
+        assert reply.model == "m@production"
+        return reply.choices[0].message.content
+
+    with pytest.raises(openai.NotFoundError, match="has no production version"):
+        production()
+    registry.promote("m", 1)
+    assert production() == answers["a1"]
+    registry.promote("m", 2)
+    assert production() == answers["a2"]
+    registry.rollback("m")
+    assert production() == answers["a1"]
+    assert client.chat.completions.create(model="m@2", messages=MESSAGES, max_tokens=8, temperature=0).choices[0].message.content == answers["a2"]
+    with pytest.raises(openai.NotFoundError, match="no model named 'other'"):
+        client.chat.completions.create(model="other@production", messages=MESSAGES)
 
 
 def test_refusals_have_the_right_status_and_the_server_keeps_serving(served):

@@ -79,8 +79,8 @@ class ModelServer:
     """The model, its adapters and the worker that decodes batches."""
 
     def __init__(self, local, adapters: dict[str, str] | None = None, adapter_dirs: list[str] | None = None, limits: Limits | None = None,
-                 name: str | None = None):  # fmt: skip
-        self.local, self.tokenizer = local, local.tokenizer
+                 name: str | None = None, registry=None):  # fmt: skip
+        self.local, self.tokenizer, self.registry = local, local.tokenizer, registry
         self.base, self.name = local.model, name or Path(str(local.name)).name
         self.limits = limits or Limits()
         self.adapter_dirs = [Path(d).resolve() for d in (adapter_dirs or [])]
@@ -160,9 +160,30 @@ class ModelServer:
     # ----------------------------------------------------------------------------- requests
 
     def check_model(self, name: str) -> str:
+        """The served model a request's ``model`` names: the base, an adapter, or with a registry a
+        reference (``name@production``, ``name@staging``, ``name@3``), looked up at every request so
+        that a promotion or rollback changes what it serves without a restart."""
         if name == self.name or name in self.known:
             return name
+        if self.registry is not None and "@" in name:
+            return self._registered(name)
         raise ServeError(404, f"The model {name!r} does not exist; served: {', '.join(self.models())}", code="model_not_found")
+
+    def _registered(self, ref: str) -> str:
+        try:
+            version = self.registry.resolve(ref)
+        except TunelabError as err:
+            raise ServeError(404, str(err), code="model_not_found") from None
+        folder = Path(version.path)
+        if version.kind == "run":  # the run's final checkpoint
+            summary = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").is_file() else {}
+            folder = Path(summary.get("final_checkpoint") or folder)
+        if not (folder / "adapter_config.json").is_file():
+            raise ServeError(400, f"{ref} is {version.ref}, a whole model at {folder}, not an adapter of {self.name}: serve it with tunelab serve --model")
+        internal = f"{version.name}@v{version.version}"
+        if internal not in self.known:
+            self.add_adapter(internal, str(folder), trusted=True)  # a registered version is trusted like --adapter
+        return internal
 
     def submit(self, job: Job) -> None:
         if len(job.prompt) > self.limits.max_prompt_tokens:
@@ -351,7 +372,8 @@ def create_app(server: ModelServer, api_key: str | None = None):
         from tunelab.data import render
 
         body = await body_of(request)
-        model = server.check_model(str(body.get("model", "")))
+        requested = str(body.get("model", ""))
+        model = await asyncio.to_thread(server.check_model, requested)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
             raise ServeError(400, "messages must be a non-empty list of {role, content}", code="invalid_value")
@@ -360,12 +382,12 @@ def create_app(server: ModelServer, api_key: str | None = None):
         job = await run(model, server.tokenizer(text, add_special_tokens=False)["input_ids"], max_tokens, temperature, top_p)
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.get("stream"):
-            return StreamingResponse(stream_chat(job, ident, created, model, bool((body.get("stream_options") or {}).get("include_usage"))),
+            return StreamingResponse(stream_chat(job, ident, created, requested, bool((body.get("stream_options") or {}).get("include_usage"))),
                                      media_type="text/event-stream")  # fmt: skip
         async for _ in events(job):
             pass
         content = server.tokenizer.decode(job.tokens, skip_special_tokens=True)
-        return {"id": ident, "object": "chat.completion", "created": created, "model": model,
+        return {"id": ident, "object": "chat.completion", "created": created, "model": requested,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": job.finish}],
                 "usage": usage(job)}  # fmt: skip
 
@@ -397,7 +419,8 @@ def create_app(server: ModelServer, api_key: str | None = None):
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await body_of(request)
-        model = server.check_model(str(body.get("model", "")))
+        requested = str(body.get("model", ""))
+        model = await asyncio.to_thread(server.check_model, requested)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]
@@ -426,7 +449,7 @@ def create_app(server: ModelServer, api_key: str | None = None):
                 position += len(piece)
             choice["logprobs"] = {"tokens": pieces[start:], "token_logprobs": values[start:], "top_logprobs": tops[start:],
                                   "text_offset": [o - (offsets[start] if start < len(offsets) else 0) for o in offsets[start:]]}  # fmt: skip
-        return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()), "model": model,
+        return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()), "model": requested,
                 "choices": [choice], "usage": usage(job)}  # fmt: skip
 
     @app.get("/metrics")
