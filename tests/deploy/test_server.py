@@ -39,7 +39,8 @@ def served(tiny_base_model, tmp_path_factory):
     registry = Registry(f"sqlite:///{tmp_path_factory.mktemp('registry') / 'registry.db'}")
     registry.register("m", first), registry.register("m", second)
     server = ModelServer(load_eval_model(str(tiny_base_model), device="cpu"), {"a1": str(first), "a2": str(second)}, [str(adapters)],
-                         Limits(max_batch=8, queue_size=16, max_tokens=64), name="tiny", registry=registry)  # fmt: skip
+                         Limits(max_batch=8, queue_size=16, max_tokens=64), name="tiny", registry=registry,
+                         routes={"ab": [("a1", 0.8), ("a2", 0.2)]})  # fmt: skip
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -84,7 +85,7 @@ def call(port: int, method: str, path: str, body=None, raw: bytes | None = None,
 
 def test_models_and_chat_for_the_base_and_each_adapter(served):
     client = served["client"]
-    assert [m.id for m in client.models.list().data] == ["tiny", "a1", "a2"]
+    assert [m.id for m in client.models.list().data] == ["tiny", "a1", "a2", "ab"]
     answers = {}
     for model, adapter in (("tiny", None), ("a1", served["server"].known["a1"]), ("a2", served["server"].known["a2"])):
         reply = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=12, temperature=0)
@@ -181,6 +182,28 @@ def test_registry_references_follow_promotion_and_rollback_without_a_restart(ser
         client.chat.completions.create(model="other@production", messages=MESSAGES)
 
 
+def test_an_ab_split_follows_its_weights_sticks_to_a_user_and_counts_each_variant(served):
+    client, port = served["client"], served["port"]
+    seen = {}
+    for i in range(300):
+        raw = client.chat.completions.with_raw_response.create(model="ab", messages=MESSAGES, max_tokens=1, temperature=0, user=f"user-{i}")
+        seen[i] = raw.headers["x-tunelab-variant"]
+        assert raw.parse().model == "ab"
+    share = sum(v == "a1" for v in seen.values()) / 300
+    assert abs(share - 0.8) < 0.07  # three standard errors of a 300-request share
+    again = {client.chat.completions.with_raw_response.create(model="ab", messages=MESSAGES, max_tokens=1, user="user-7").headers["x-tunelab-variant"]
+             for _ in range(5)}  # fmt: skip
+    assert again == {seen[7]}  # sticky per user
+    import urllib.request
+
+    with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"Authorization": "Bearer secret"})) as response:
+        text = response.read().decode()
+    counted = {v: int(next(line.split()[-1] for line in text.splitlines() if line.startswith(f'tunelab_variant_requests_total{{route="ab",variant="{v}"}}')))
+               for v in ("a1", "a2")}  # fmt: skip
+    assert sum(counted.values()) == 305 and counted["a1"] == sum(v == "a1" for v in seen.values()) + 5 * (seen[7] == "a1")
+    assert 'tunelab_variant_latency_seconds_sum{route="ab",variant="a2"}' in text
+
+
 def test_refusals_have_the_right_status_and_the_server_keeps_serving(served):
     client, port = served["client"], served["port"]
     with pytest.raises(openai.NotFoundError, match="'nope' does not exist"):
@@ -252,3 +275,16 @@ def test_the_command_line_serves_on_localhost(tmp_path):
     assert f"Serving tiny-llama on http://127.0.0.1:{port}/v1" in output
     bad = subprocess.run([sys.executable, "-m", "tunelab", "serve", "--model", "tiny-llama", "--adapter", "nopath"], capture_output=True, text=True)
     assert bad.returncode == 1 and "write NAME=PATH" in bad.stderr
+
+
+def test_routes_are_checked_before_serving(tiny_base_model):
+    from tunelab.deploy.server import ModelServer, parse_routes
+    from tunelab.errors import TunelabError
+    from tunelab.evaluation.models import load_eval_model
+
+    assert parse_routes(["chat=m@production:0.9,m@staging:0.1"]) == {"chat": [("m@production", 0.9), ("m@staging", 0.1)]}
+    for bad in ("chat=a1", "chat=a1:0", "=a1:1", "chat", "chat=a1:x"):
+        with pytest.raises(TunelabError, match="write NAME=VARIANT:WEIGHT"):
+            parse_routes([bad])
+    with pytest.raises(TunelabError, match="its variants nope are not served"):
+        ModelServer(load_eval_model(str(tiny_base_model), device="cpu"), name="tiny", routes={"chat": [("tiny", 1.0), ("nope", 1.0)]})

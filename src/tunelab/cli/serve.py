@@ -17,6 +17,8 @@ def cmd_serve(argv: list[str]) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="the address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=os.environ.get("TUNELAB_API_KEY"), help="require Authorization: Bearer KEY (default $TUNELAB_API_KEY)")
+    parser.add_argument("--route", action="append", default=[],
+                        help="NAME=VARIANT:WEIGHT,VARIANT:WEIGHT: requests for NAME split between variants by weight, sticky per user (repeatable)")
     parser.add_argument("--registry-url", help="serve registry references (NAME@production, NAME@staging, NAME@3) from this registry")
     parser.add_argument("--device", help="cpu, cuda (default: cuda when there is one)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -31,7 +33,7 @@ def cmd_serve(argv: list[str]) -> int:
     args = parser.parse_args([a for a in argv if a != "--debug"])
     import uvicorn
 
-    from tunelab.deploy.server import Limits, ModelServer, create_app, parse_adapters
+    from tunelab.deploy.server import Limits, ModelServer, create_app, parse_adapters, parse_routes
     from tunelab.errors import UsageError
     from tunelab.evaluation.models import load_eval_model
 
@@ -46,7 +48,7 @@ def cmd_serve(argv: list[str]) -> int:
 
         registry = Registry(args.registry_url)
     server = ModelServer(load_eval_model(args.model, dtype=args.dtype, device=args.device), adapters, args.adapter_dir, limits,
-                         name=args.name or args.model.rstrip("/").split("/")[-1], registry=registry)  # fmt: skip
+                         name=args.name or args.model.rstrip("/").split("/")[-1], registry=registry, routes=parse_routes(args.route))  # fmt: skip
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         log.warning("Serving on %s without an API key: anyone who reaches this address can use the models (set --api-key).", args.host)
     log.info("Serving %s on http://%s:%d/v1", ", ".join(server.models()), args.host, args.port)

@@ -79,8 +79,10 @@ class ModelServer:
     """The model, its adapters and the worker that decodes batches."""
 
     def __init__(self, local, adapters: dict[str, str] | None = None, adapter_dirs: list[str] | None = None, limits: Limits | None = None,
-                 name: str | None = None, registry=None):  # fmt: skip
+                 name: str | None = None, registry=None, routes: dict[str, list[tuple[str, float]]] | None = None):  # fmt: skip
         self.local, self.tokenizer, self.registry = local, local.tokenizer, registry
+        self.routes = dict(routes or {})  # name -> [(variant, weight)]: A/B and canary splits
+        self.variants: dict[tuple[str, str], dict] = {}  # (route, variant) -> requests, tokens, seconds
         self.base, self.name = local.model, name or Path(str(local.name)).name
         self.limits = limits or Limits()
         self.adapter_dirs = [Path(d).resolve() for d in (adapter_dirs or [])]
@@ -93,13 +95,46 @@ class ModelServer:
         self.counts = {"requests": 0, "batches": 0, "batched_requests": 0, "completion_tokens": 0}
         for adapter, path in (adapters or {}).items():
             self.add_adapter(adapter, path, trusted=True)
+        for route, variants in self.routes.items():
+            unknown = [v for v, _ in variants if "@" not in v and v != self.name and v not in self.known]
+            if unknown or route == self.name or route in self.known:
+                raise TunelabError(f"--route {route}: {'its variants ' + ', '.join(unknown) + ' are not served' if unknown else 'the name is taken by a model'} "
+                                   f"(variants: the base {self.name!r}, an --adapter name, or with --registry-url a reference like name@production).")  # fmt: skip
         self.worker = threading.Thread(target=self._work, name="tunelab-serve-worker", daemon=True)
         self.worker.start()
 
     # ----------------------------------------------------------------------------- adapters
 
     def models(self) -> list[str]:
-        return [self.name, *self.known]
+        return [self.name, *[k for k in self.known if "@v" not in k], *self.routes]
+
+    def route(self, name: str, user: str | None) -> str:
+        """The variant a request for ``name`` goes to: by weight, the same for every request of one
+        ``user`` (a hash of the name and the user), random without one; ``name`` itself when it is
+        not a route."""
+        import hashlib
+        import random
+
+        variants = self.routes.get(name)
+        if not variants:
+            return name
+        total = sum(weight for _, weight in variants)
+        if user:
+            point = int.from_bytes(hashlib.sha256(f"{name}\0{user}".encode()).digest()[:8], "big") / 2**64 * total
+        else:
+            point = random.random() * total
+        for variant, weight in variants:
+            point -= weight
+            if point < 0:
+                return variant
+        return variants[-1][0]
+
+    def record(self, name: str, variant: str, tokens: int, seconds: float) -> None:
+        if name in self.routes:
+            counts = self.variants.setdefault((name, variant), {"requests": 0, "completion_tokens": 0, "seconds": 0.0})
+            counts["requests"] += 1
+            counts["completion_tokens"] += tokens
+            counts["seconds"] += seconds
 
     def add_adapter(self, name: str, path: str, trusted: bool = False) -> None:
         """Know ``name`` as the adapter in ``path`` and load it now (within the allowed folders
@@ -372,8 +407,9 @@ def create_app(server: ModelServer, api_key: str | None = None):
         from tunelab.data import render
 
         body = await body_of(request)
-        requested = str(body.get("model", ""))
-        model = await asyncio.to_thread(server.check_model, requested)
+        requested, started = str(body.get("model", "")), time.perf_counter()
+        variant = server.route(requested, body.get("user") or request.headers.get("x-tunelab-user"))
+        model = await asyncio.to_thread(server.check_model, variant)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
             raise ServeError(400, "messages must be a non-empty list of {role, content}", code="invalid_value")
@@ -383,13 +419,14 @@ def create_app(server: ModelServer, api_key: str | None = None):
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.get("stream"):
             return StreamingResponse(stream_chat(job, ident, created, requested, bool((body.get("stream_options") or {}).get("include_usage"))),
-                                     media_type="text/event-stream")  # fmt: skip
+                                     media_type="text/event-stream", headers={"X-Tunelab-Variant": variant})  # fmt: skip
         async for _ in events(job):
             pass
+        server.record(requested, variant, len(job.tokens), time.perf_counter() - started)
         content = server.tokenizer.decode(job.tokens, skip_special_tokens=True)
-        return {"id": ident, "object": "chat.completion", "created": created, "model": requested,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": job.finish}],
-                "usage": usage(job)}  # fmt: skip
+        return JSONResponse({"id": ident, "object": "chat.completion", "created": created, "model": requested,
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": job.finish}],
+                             "usage": usage(job)}, headers={"X-Tunelab-Variant": variant})  # fmt: skip
 
     async def stream_chat(job: Job, ident: str, created: int, model: str, include_usage: bool):
         def chunk(delta: dict, finish: str | None = None) -> str:
@@ -419,8 +456,9 @@ def create_app(server: ModelServer, api_key: str | None = None):
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await body_of(request)
-        requested = str(body.get("model", ""))
-        model = await asyncio.to_thread(server.check_model, requested)
+        requested, started = str(body.get("model", "")), time.perf_counter()
+        variant = server.route(requested, body.get("user") or request.headers.get("x-tunelab-user"))
+        model = await asyncio.to_thread(server.check_model, variant)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]
@@ -436,6 +474,7 @@ def create_app(server: ModelServer, api_key: str | None = None):
         job = await run(model, prompt_ids, max_tokens, temperature, top_p)
         async for _ in events(job):
             pass
+        server.record(requested, variant, len(job.tokens), time.perf_counter() - started)
         completion = server.tokenizer.decode(job.tokens, skip_special_tokens=True)
         choice = {"index": 0, "text": (prompt if echo else "") + completion, "logprobs": None, "finish_reason": job.finish}
         if logprobs is not None:
@@ -449,18 +488,42 @@ def create_app(server: ModelServer, api_key: str | None = None):
                 position += len(piece)
             choice["logprobs"] = {"tokens": pieces[start:], "token_logprobs": values[start:], "top_logprobs": tops[start:],
                                   "text_offset": [o - (offsets[start] if start < len(offsets) else 0) for o in offsets[start:]]}  # fmt: skip
-        return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()), "model": requested,
-                "choices": [choice], "usage": usage(job)}  # fmt: skip
+        return JSONResponse({"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()), "model": requested,
+                             "choices": [choice], "usage": usage(job)}, headers={"X-Tunelab-Variant": variant})  # fmt: skip
 
     @app.get("/metrics")
     async def metrics():
         from fastapi.responses import PlainTextResponse
 
         lines = [f"tunelab_{key}_total {value}" for key, value in server.counts.items()]
+        for (route, variant), counts in sorted(server.variants.items()):
+            labels = f'{{route="{route}",variant="{variant}"}}'
+            lines += [f"tunelab_variant_requests_total{labels} {counts['requests']}",
+                      f"tunelab_variant_completion_tokens_total{labels} {counts['completion_tokens']}",
+                      f"tunelab_variant_latency_seconds_sum{labels} {counts['seconds']:.6f}"]  # fmt: skip
         lines.append(f"tunelab_queue_waiting {server.jobs.qsize() + len(server.waiting)}")
         return PlainTextResponse("\n".join(lines) + "\n")
 
     return app
+
+
+def parse_routes(specs: list[str]) -> dict[str, list[tuple[str, float]]]:
+    """``NAME=VARIANT:WEIGHT,VARIANT:WEIGHT`` flags as a dict (weights need not sum to 1)."""
+    routes = {}
+    for spec in specs:
+        name, sep, rest = spec.partition("=")
+        variants = []
+        for part in rest.split(",") if sep else []:
+            variant, _, weight = part.rpartition(":")
+            try:
+                variants.append((variant, float(weight)))
+            except ValueError:
+                variants = []
+                break
+        if not name or not variants or any(not v or w <= 0 for v, w in variants):
+            raise TunelabError(f"--route {spec!r}: write NAME=VARIANT:WEIGHT,VARIANT:WEIGHT with positive weights (e.g. chat=gsm8k@production:0.9,gsm8k@staging:0.1).")
+        routes[name] = variants
+    return routes
 
 
 def parse_adapters(specs: list[str]) -> dict[str, str]:
