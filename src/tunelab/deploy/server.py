@@ -382,6 +382,13 @@ def create_app(server: ModelServer, api_key: str | None = None):
             if kind == "done":
                 return
 
+    async def target(request: Request, body: dict) -> tuple[str, str, str, float]:
+        """The model a request names, the variant its route sends it to, the served model that
+        decodes it, and when it started."""
+        requested, started = str(body.get("model", "")), time.perf_counter()
+        variant = server.route(requested, body.get("user") or request.headers.get("x-tunelab-user"))
+        return requested, variant, await asyncio.to_thread(server.check_model, variant), started
+
     def usage(job: Job) -> dict:
         return {"prompt_tokens": len(job.prompt), "completion_tokens": len(job.tokens), "total_tokens": len(job.prompt) + len(job.tokens)}
 
@@ -407,9 +414,7 @@ def create_app(server: ModelServer, api_key: str | None = None):
         from tunelab.data import render
 
         body = await body_of(request)
-        requested, started = str(body.get("model", "")), time.perf_counter()
-        variant = server.route(requested, body.get("user") or request.headers.get("x-tunelab-user"))
-        model = await asyncio.to_thread(server.check_model, variant)
+        requested, variant, model, started = await target(request, body)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
             raise ServeError(400, "messages must be a non-empty list of {role, content}", code="invalid_value")
@@ -456,9 +461,7 @@ def create_app(server: ModelServer, api_key: str | None = None):
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await body_of(request)
-        requested, started = str(body.get("model", "")), time.perf_counter()
-        variant = server.route(requested, body.get("user") or request.headers.get("x-tunelab-user"))
-        model = await asyncio.to_thread(server.check_model, variant)
+        requested, variant, model, started = await target(request, body)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]
