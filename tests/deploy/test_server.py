@@ -202,6 +202,10 @@ def test_an_ab_split_follows_its_weights_sticks_to_a_user_and_counts_each_varian
                for v in ("a1", "a2")}  # fmt: skip
     assert sum(counted.values()) == 305 and counted["a1"] == sum(v == "a1" for v in seen.values()) + 5 * (seen[7] == "a1")
     assert 'tunelab_variant_latency_seconds_sum{route="ab",variant="a2"}' in text
+    server = served["server"]
+    before = sum(c["requests"] for (route, _), c in server.variants.items() if route == "ab")
+    list(client.chat.completions.create(model="ab", messages=MESSAGES, max_tokens=2, stream=True, user="user-7"))
+    assert sum(c["requests"] for (route, _), c in server.variants.items() if route == "ab") == before + 1  # streamed requests count too
 
 
 def test_refusals_have_the_right_status_and_the_server_keeps_serving(served):

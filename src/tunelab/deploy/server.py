@@ -423,7 +423,7 @@ def create_app(server: ModelServer, api_key: str | None = None):
         job = await run(model, server.tokenizer(text, add_special_tokens=False)["input_ids"], max_tokens, temperature, top_p)
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.get("stream"):
-            return StreamingResponse(stream_chat(job, ident, created, requested, bool((body.get("stream_options") or {}).get("include_usage"))),
+            return StreamingResponse(stream_chat(job, ident, created, requested, bool((body.get("stream_options") or {}).get("include_usage")), variant, started),
                                      media_type="text/event-stream", headers={"X-Tunelab-Variant": variant})  # fmt: skip
         async for _ in events(job):
             pass
@@ -433,7 +433,7 @@ def create_app(server: ModelServer, api_key: str | None = None):
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": job.finish}],
                              "usage": usage(job)}, headers={"X-Tunelab-Variant": variant})  # fmt: skip
 
-    async def stream_chat(job: Job, ident: str, created: int, model: str, include_usage: bool):
+    async def stream_chat(job: Job, ident: str, created: int, model: str, include_usage: bool, variant: str, started: float):
         def chunk(delta: dict, finish: str | None = None) -> str:
             return "data: " + json.dumps({"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
                                           "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n"  # fmt: skip
@@ -451,6 +451,7 @@ def create_app(server: ModelServer, api_key: str | None = None):
             if text != shown:
                 yield chunk({"content": text[len(shown) :]})
             yield chunk({}, job.finish)
+            server.record(model, variant, len(job.tokens), time.perf_counter() - started)
             if include_usage:
                 yield "data: " + json.dumps({"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
                                              "choices": [], "usage": usage(job)}) + "\n\n"  # fmt: skip
