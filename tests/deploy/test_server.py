@@ -122,16 +122,18 @@ def test_completions_logprobs_and_echo_match_a_forward_pass(served):
     assert len(generated.choices[0].logprobs.tokens) == generated.usage.completion_tokens
 
 
-def test_concurrent_requests_for_different_adapters_are_batched_and_answer_as_alone(served):
+def test_concurrent_requests_for_the_base_and_different_adapters_share_one_batch_and_answer_as_alone(served):
     client, server = served["client"], served["server"]
-    alone = {m: client.chat.completions.create(model=m, messages=MESSAGES, max_tokens=10, temperature=0).choices[0].message.content
-             for m in ("a1", "a2")}  # fmt: skip
-    batches_before = server.counts["batches"]
+    questions = [MESSAGES, [{"role": "user", "content": "Say hello."}], [{"role": "user", "content": "What is 12 times 7, and why?"}]]
+    models = ("a1", "a2", "tiny")
+    alone = {(m, q): client.chat.completions.create(model=m, messages=questions[q], max_tokens=10, temperature=0).choices[0].message.content
+             for m in models for q in range(3)}  # fmt: skip
+    before = dict(server.counts)
     results = {}
 
     def ask(i):
-        model = ("a1", "a2")[i % 2]
-        results[i] = (model, client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=10, temperature=0).choices[0].message.content)
+        model, q = models[i % 3], (i // 3) % 3
+        results[i] = (model, q, client.chat.completions.create(model=model, messages=questions[q], max_tokens=10, temperature=0).choices[0].message.content)
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
     with server.lock:  # the worker waits for the model while all eight requests arrive
@@ -143,8 +145,35 @@ def test_concurrent_requests_for_different_adapters_are_batched_and_answer_as_al
             time.sleep(0.05)
     for t in threads:
         t.join()
-    assert len(results) == 8 and all(text == alone[model] for model, text in results.values())
-    assert server.counts["batches"] - batches_before <= 3  # the first taken at once, then one batch per adapter for the rest
+    assert len(results) == 8 and all(text == alone[model, q] for model, q, text in results.values())
+    # the first taken at once, then the other seven (base, a1 and a2, different prompt lengths) in one batch
+    assert server.counts["batches"] - before["batches"] <= 2 and server.counts["mixed_batches"] > before["mixed_batches"]
+
+
+def test_adapters_peft_cannot_mix_dora_batch_only_with_requests_for_themselves(tiny_base_model, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.deploy.server import Job, Limits, ModelServer
+    from tunelab.evaluation.models import load_eval_model
+
+    torch.manual_seed(0)
+    dora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base_model), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    dora.save_pretrained(tmp_path / "dora")
+    plain = make_adapter(tiny_base_model, tmp_path / "plain", 1)
+    server = ModelServer(load_eval_model(str(tiny_base_model), device="cpu"), {"dora": str(tmp_path / "dora"), "plain": str(plain)},
+                         limits=Limits(max_batch=8, max_resident=2), name="tiny")  # fmt: skip
+    assert server.mixable == {"plain"}
+    with server.lock:  # the worker takes no job while this test forms batches itself
+
+        def job(model, temperature=0.0):
+            return Job(model, [1, 2, 3], 4, temperature, 1.0, None, None)
+
+        for j in [job("tiny"), job("dora"), job("plain"), job("plain", 0.7), job("dora"), job("tiny")]:
+            server.waiting.append(j)
+        assert [(j.model, j.temperature) for j in server._next_batch()] == [("tiny", 0.0), ("plain", 0.0), ("tiny", 0.0)]
+        assert [j.model for j in server._next_batch()] == ["dora", "dora"]
+        assert [(j.model, j.temperature) for j in server._next_batch()] == [("plain", 0.7)]
 
 
 def test_hot_loading_and_unloading_an_adapter(served):

@@ -3,9 +3,12 @@ HTTP API (FastAPI and uvicorn).
 
 A request names the base or an adapter in its ``model`` field. Requests wait in one bounded queue
 (full: 503 with Retry-After). One worker thread owns the model: it takes the oldest request and
-every waiting request for the same model and sampling settings, up to ``max_batch``, and decodes
-them as one left-padded batch with tunelab's decoding loop (a reserved KV cache), each row to its
-own token limit; every new token goes to its request as it is decoded, so streaming is real.
+every waiting request it can decode with it, up to ``max_batch``, and decodes them as one
+left-padded batch with tunelab's decoding loop (a reserved KV cache), each row to its own token
+limit; every new token goes to its request as it is decoded, so streaming is real. Requests with
+the same sampling settings share a batch whatever they ask for, the base or plain LoRA adapters
+(peft's mixed-adapter batches: each row goes through its own adapter's low-rank update); other
+adapter kinds (DoRA, IA3, ...) batch with requests for the same adapter only.
 Adapters load at start, on ``POST /v1/adapters`` or on first use (from the allowed folders only),
 at most ``max_resident`` at once, the least recently used unloaded first.
 
@@ -54,8 +57,8 @@ class Job:
     finish: str | None = None
     queued: float = field(default_factory=time.perf_counter)
 
-    def key(self) -> tuple:
-        return (self.model, self.temperature, self.top_p)
+    def settings(self) -> tuple:
+        return (self.temperature, self.top_p)
 
     def send(self, event: tuple) -> None:
         try:
@@ -87,12 +90,13 @@ class ModelServer:
         self.limits = limits or Limits()
         self.adapter_dirs = [Path(d).resolve() for d in (adapter_dirs or [])]
         self.known: dict[str, Path] = {}  # adapter name -> folder (loaded on first use when not resident)
+        self.mixable: set[str] = set()  # plain LoRA adapters: they share batches with the base and each other
         self.resident: OrderedDict[str, Path] = OrderedDict()  # least recently used first
         self.peft = None
         self.lock = threading.Lock()  # the model: loading adapters and decoding never overlap
         self.jobs: "queue.Queue[Job]" = queue.Queue(maxsize=self.limits.queue_size)
         self.waiting: deque[Job] = deque()  # taken from the queue, not yet batched
-        self.counts = {"requests": 0, "batches": 0, "batched_requests": 0, "completion_tokens": 0}
+        self.counts = {"requests": 0, "batches": 0, "batched_requests": 0, "mixed_batches": 0, "completion_tokens": 0}
         for adapter, path in (adapters or {}).items():
             self.add_adapter(adapter, path, trusted=True)
         for route, variants in self.routes.items():
@@ -147,9 +151,17 @@ class ModelServer:
             raise ServeError(403, f"adapter path {path!r} is outside the folders adapters may be loaded from: {allowed}", "permission_error")
         if not (folder / "adapter_config.json").is_file():
             raise ServeError(400, f"{path!r} holds no adapter_config.json: give a peft adapter folder (what tunelab saves with save_ckpt_type=peft)")
+        try:
+            config = json.loads((folder / "adapter_config.json").read_text())
+        except ValueError as err:
+            raise ServeError(400, f"{folder / 'adapter_config.json'} is not valid JSON: {err}") from None
         with self.lock:
             self.known[name] = folder
             self._load(name)
+            # peft mixes adapters in one batch for LoRA only, and not with DoRA's magnitude vectors
+            self.mixable.discard(name)
+            if config.get("peft_type") == "LORA" and not config.get("use_dora"):
+                self.mixable.add(name)
 
     def remove_adapter(self, name: str) -> None:
         if name not in self.known:
@@ -159,6 +171,7 @@ class ModelServer:
                 self.peft.delete_adapter(name)
                 del self.resident[name]
             del self.known[name]
+            self.mixable.discard(name)
 
     def _load(self, name: str) -> None:
         """Make ``name`` resident (the lock held)."""
@@ -177,13 +190,22 @@ class ModelServer:
                 self.peft.load_adapter(str(self.known[name]), adapter_name=name)
         except (RuntimeError, ValueError, OSError) as err:
             folder = self.known.pop(name)
+            self.mixable.discard(name)
             raise ServeError(400, f"adapter {name!r} at {folder} does not load on {self.name}: {str(err).splitlines()[0]}") from None
         self.resident[name] = self.known[name]
 
-    def _model_for(self, name: str):
-        """The module to decode with for ``name`` (the lock held) and a context that sets it up."""
+    def _model_for(self, name: str | list[str]):
+        """The module to decode with for ``name`` (the lock held) and a context that sets it up;
+        for a list of names, one per row of a mixed batch, the peft model with each row's adapter."""
         import contextlib
 
+        if isinstance(name, list):
+            if len(set(name)) > 1:
+                for adapter in dict.fromkeys(n for n in name if n != self.name):
+                    self._load(adapter)  # at most max_resident of them (see _next_batch): none evicts another
+                rows = ["__base__" if n == self.name else n for n in name]
+                return self.peft, self.peft._enable_peft_forward_hooks(adapter_names=rows)  # what peft's generate(adapter_names=) uses
+            name = name[0]
         if name == self.name:
             if self.peft is None:
                 return self.base, contextlib.nullcontext()
@@ -230,19 +252,36 @@ class ModelServer:
                              headers={"Retry-After": "1"}) from None  # fmt: skip
         self.counts["requests"] += 1
 
+    def _shares_batches(self, model: str) -> bool:
+        return model == self.name or model in self.mixable
+
+    def _next_batch(self) -> list[Job]:
+        """The oldest request and, in the order they came, the waiting requests that can be decoded
+        with it: the same sampling settings, and the same model unless both are the base or plain
+        LoRA adapters (then at most ``max_resident`` adapters in one batch); up to ``max_batch``."""
+        job = self.waiting.popleft() if self.waiting else self.jobs.get()
+        batch, adapters = [job], {job.model} - {self.name}
+        while True:  # everything waiting now
+            try:
+                self.waiting.append(self.jobs.get_nowait())
+            except queue.Empty:
+                break
+        mixed = self._shares_batches(job.model)
+        for other in list(self.waiting):
+            if len(batch) >= self.limits.max_batch:
+                break
+            if other.settings() != job.settings():
+                continue
+            if other.model == job.model or (mixed and self._shares_batches(other.model)
+                                            and len(adapters | ({other.model} - {self.name})) <= self.limits.max_resident):  # fmt: skip
+                self.waiting.remove(other)
+                batch.append(other)
+                adapters |= {other.model} - {self.name}
+        return batch
+
     def _work(self) -> None:
         while True:
-            job = self.waiting.popleft() if self.waiting else self.jobs.get()
-            batch = [job]
-            while True:  # everything waiting now, the same model and settings first
-                try:
-                    self.waiting.append(self.jobs.get_nowait())
-                except queue.Empty:
-                    break
-            for other in list(self.waiting):
-                if len(batch) < self.limits.max_batch and other.key() == job.key():
-                    self.waiting.remove(other)
-                    batch.append(other)
+            batch = self._next_batch()
             try:
                 self._decode(batch)
             except ServeError as err:
@@ -265,7 +304,7 @@ class ModelServer:
             mask[r, width - len(j.prompt) :] = 1
         first = batch[0]
         with self.lock:
-            model, context = self._model_for(first.model)
+            model, context = self._model_for([j.model for j in batch])
             eos = set(_eos_ids(model, self.tokenizer))
             device = next(model.parameters()).device
 
@@ -293,6 +332,7 @@ class ModelServer:
                 j.send(("done", "length"))
         self.counts["batches"] += 1
         self.counts["batched_requests"] += len(batch)
+        self.counts["mixed_batches"] += len({j.model for j in batch}) > 1
         self.counts["completion_tokens"] += sum(len(j.tokens) for j in batch)
 
     def token_logprobs(self, model_name: str, tokens: list[int], top: int) -> tuple[list[float | None], list[dict | None]]:
