@@ -146,8 +146,21 @@ def test_concurrent_requests_for_the_base_and_different_adapters_share_one_batch
     for t in threads:
         t.join()
     assert len(results) == 8 and all(text == alone[model, q] for model, q, text in results.values())
-    # the first taken at once, then the other seven (base, a1 and a2, different prompt lengths) in one batch
-    assert server.counts["batches"] - before["batches"] <= 2 and server.counts["mixed_batches"] > before["mixed_batches"]
+    # the first taken at once, the other seven (base, a1 and a2, different prompt lengths) joining it
+    assert server.counts["largest_batch"] >= 7 and server.counts["mixed_steps"] > before["mixed_steps"]
+
+
+def test_a_request_joins_a_batch_that_is_decoding_and_leaves_it_when_done(served):
+    client, server = served["client"], served["server"]
+    before = dict(server.counts)
+    long = client.chat.completions.create(model="a1", messages=MESSAGES, max_tokens=64, temperature=0, stream=True)
+    pieces = iter(long)
+    while not (next(pieces).choices[0].delta.content or ""):  # the long answer is decoding
+        pass
+    short = client.chat.completions.create(model="a2", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, temperature=0)
+    rest = list(pieces)
+    assert short.usage.completion_tokens <= 2 and rest[-1].choices[0].finish_reason is not None
+    assert server.counts["mixed_steps"] > before["mixed_steps"]  # a1 and a2 rows in one step: the short one joined the long one
 
 
 def test_adapters_peft_cannot_mix_dora_batch_only_with_requests_for_themselves(tiny_base_model, tmp_path):
@@ -171,9 +184,9 @@ def test_adapters_peft_cannot_mix_dora_batch_only_with_requests_for_themselves(t
 
         for j in [job("tiny"), job("dora"), job("plain"), job("plain", 0.7), job("dora"), job("tiny")]:
             server.waiting.append(j)
-        assert [(j.model, j.temperature) for j in server._next_batch()] == [("tiny", 0.0), ("plain", 0.0), ("tiny", 0.0)]
-        assert [j.model for j in server._next_batch()] == ["dora", "dora"]
-        assert [(j.model, j.temperature) for j in server._next_batch()] == [("plain", 0.7)]
+        assert [(j.model, j.temperature) for j in server._joining([])] == [("tiny", 0.0), ("plain", 0.0), ("tiny", 0.0)]
+        assert [j.model for j in server._joining([])] == ["dora", "dora"]
+        assert [(j.model, j.temperature) for j in server._joining([])] == [("plain", 0.7)]
 
 
 def test_hot_loading_and_unloading_an_adapter(served):
@@ -194,8 +207,11 @@ def test_registry_references_follow_promotion_and_rollback_without_a_restart(ser
     answers = {m: client.chat.completions.create(model=m, messages=MESSAGES, max_tokens=8, temperature=0).choices[0].message.content for m in ("a1", "a2")}
 
     def production() -> str:
-        reply = client.chat.completions.create(model="m@production", messages=MESSAGES, max_tokens=8, temperature=0)
+        raw = client.chat.completions.with_raw_response.create(model="m@production", messages=MESSAGES, max_tokens=8, temperature=0)
+        reply = raw.parse()
         assert reply.model == "m@production"
+        served = raw.headers["x-tunelab-model"]  # the version that answered
+        assert reply.choices[0].message.content == answers[{"m@v1": "a1", "m@v2": "a2"}[served]]
         return reply.choices[0].message.content
 
     with pytest.raises(openai.NotFoundError, match="has no production version"):

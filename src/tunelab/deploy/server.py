@@ -2,13 +2,14 @@
 HTTP API (FastAPI and uvicorn).
 
 A request names the base or an adapter in its ``model`` field. Requests wait in one bounded queue
-(full: 503 with Retry-After). One worker thread owns the model: it takes the oldest request and
-every waiting request it can decode with it, up to ``max_batch``, and decodes them as one
-left-padded batch with tunelab's decoding loop (a reserved KV cache), each row to its own token
-limit; every new token goes to its request as it is decoded, so streaming is real. Requests with
-the same sampling settings share a batch whatever they ask for, the base or plain LoRA adapters
-(peft's mixed-adapter batches: each row goes through its own adapter's low-rank update); other
-adapter kinds (DoRA, IA3, ...) batch with requests for the same adapter only.
+(full: 503 with Retry-After). One worker thread owns the model and decodes a running batch
+(``tunelab.deploy.batching``): before every step, waiting requests that can be decoded with the
+rows there join it (up to ``max_batch`` rows), and a row leaves as soon as it ends, so a request
+waits for one step, not for a whole batch. Every new token goes to its request as it is decoded, so
+streaming is real. Requests with the same sampling settings share the batch whatever they ask for,
+the base or plain LoRA adapters (peft's mixed-adapter batches: each row goes through its own
+adapter's low-rank update); other adapter kinds (DoRA, IA3, ...) share it with requests for the
+same adapter only.
 Adapters load at start, on ``POST /v1/adapters`` or on first use (from the allowed folders only),
 at most ``max_resident`` at once, the least recently used unloaded first.
 
@@ -55,6 +56,7 @@ class Job:
     events: asyncio.Queue
     tokens: list[int] = field(default_factory=list)
     finish: str | None = None
+    cancelled: bool = False  # nobody waits for it any more (timed out, or the client went away)
     queued: float = field(default_factory=time.perf_counter)
 
     def settings(self) -> tuple:
@@ -94,9 +96,15 @@ class ModelServer:
         self.resident: OrderedDict[str, Path] = OrderedDict()  # least recently used first
         self.peft = None
         self.lock = threading.Lock()  # the model: loading adapters and decoding never overlap
+        self.wanting = 0  # threads waiting for the lock: the worker lets them in between steps
+        self.in_use: set[str] = set()  # the models of the running batch (never evicted)
+        self.setup = self.setup_key = None  # the worker's model setup for its rows (see _rows_context)
+        self.row_adapters: list[str] = []  # each row's adapter, read by peft's mixed-batch hooks
         self.jobs: "queue.Queue[Job]" = queue.Queue(maxsize=self.limits.queue_size)
         self.waiting: deque[Job] = deque()  # taken from the queue, not yet batched
-        self.counts = {"requests": 0, "batches": 0, "batched_requests": 0, "mixed_batches": 0, "completion_tokens": 0}
+        # steps: decoding steps; step_rows: rows over all steps (/ steps: the mean batch); mixed_steps: steps with more than one model
+        self.counts = {"requests": 0, "steps": 0, "step_rows": 0, "mixed_steps": 0, "largest_batch": 0, "completion_tokens": 0,
+                       "prefill_seconds": 0.0, "decode_seconds": 0.0}  # time in prompts' forward passes, and in decoding steps
         for adapter, path in (adapters or {}).items():
             self.add_adapter(adapter, path, trusted=True)
         for route, variants in self.routes.items():
@@ -104,6 +112,11 @@ class ModelServer:
             if unknown or route == self.name or route in self.known:
                 raise TunelabError(f"--route {route}: {'its variants ' + ', '.join(unknown) + ' are not served' if unknown else 'the name is taken by a model'} "
                                    f"(variants: the base {self.name!r}, an --adapter name, or with --registry-url a reference like name@production).")  # fmt: skip
+        from tunelab.deploy.batching import supports_running_batches
+
+        if not supports_running_batches(self.base):
+            raise TunelabError(f"tunelab serve decodes requests in one running batch whose key/value cache it regroups as requests come and go; "
+                               f"that needs every layer to attend to the whole sequence, and {self.name} has sliding-window layers.")  # fmt: skip
         self.worker = threading.Thread(target=self._work, name="tunelab-serve-worker", daemon=True)
         self.worker.start()
 
@@ -155,7 +168,7 @@ class ModelServer:
             config = json.loads((folder / "adapter_config.json").read_text())
         except ValueError as err:
             raise ServeError(400, f"{folder / 'adapter_config.json'} is not valid JSON: {err}") from None
-        with self.lock:
+        with self._model_lock():
             self.known[name] = folder
             self._load(name)
             # peft mixes adapters in one batch for LoRA only, and not with DoRA's magnitude vectors
@@ -166,12 +179,30 @@ class ModelServer:
     def remove_adapter(self, name: str) -> None:
         if name not in self.known:
             raise ServeError(404, f"no adapter named {name!r}; loaded: {', '.join(self.known) or 'none'}", code="model_not_found")
-        with self.lock:
+        with self._model_lock():
+            if name in self.in_use:
+                raise ServeError(409, f"adapter {name!r} is decoding requests now; unload it when they have finished", code="adapter_in_use")
             if name in self.resident:
                 self.peft.delete_adapter(name)
                 del self.resident[name]
             del self.known[name]
             self.mixable.discard(name)
+
+    def _model_lock(self):
+        """The model's lock for a thread other than the worker, which lets it in between two steps."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def held():
+            self.wanting += 1
+            try:
+                with self.lock:
+                    self._release_setup()
+                    yield
+            finally:
+                self.wanting -= 1
+
+        return held()
 
     def _load(self, name: str) -> None:
         """Make ``name`` resident (the lock held)."""
@@ -181,7 +212,11 @@ class ModelServer:
             self.resident.move_to_end(name)
             return
         while len(self.resident) >= self.limits.max_resident:
-            evicted, _ = self.resident.popitem(last=False)
+            evicted = next((a for a in self.resident if a not in self.in_use), None)
+            if evicted is None:
+                raise ServeError(503, f"all {self.limits.max_resident} resident adapters are decoding requests now; retry shortly", "server_error",
+                                 headers={"Retry-After": "1"})  # fmt: skip
+            del self.resident[evicted]
             self.peft.delete_adapter(evicted)
         try:
             if self.peft is None:
@@ -194,18 +229,10 @@ class ModelServer:
             raise ServeError(400, f"adapter {name!r} at {folder} does not load on {self.name}: {str(err).splitlines()[0]}") from None
         self.resident[name] = self.known[name]
 
-    def _model_for(self, name: str | list[str]):
-        """The module to decode with for ``name`` (the lock held) and a context that sets it up;
-        for a list of names, one per row of a mixed batch, the peft model with each row's adapter."""
+    def _model_for(self, name: str):
+        """The module to decode with for ``name`` (the lock held) and a context that sets it up."""
         import contextlib
 
-        if isinstance(name, list):
-            if len(set(name)) > 1:
-                for adapter in dict.fromkeys(n for n in name if n != self.name):
-                    self._load(adapter)  # at most max_resident of them (see _next_batch): none evicts another
-                rows = ["__base__" if n == self.name else n for n in name]
-                return self.peft, self.peft._enable_peft_forward_hooks(adapter_names=rows)  # what peft's generate(adapter_names=) uses
-            name = name[0]
         if name == self.name:
             if self.peft is None:
                 return self.base, contextlib.nullcontext()
@@ -255,90 +282,123 @@ class ModelServer:
     def _shares_batches(self, model: str) -> bool:
         return model == self.name or model in self.mixable
 
-    def _next_batch(self) -> list[Job]:
-        """The oldest request and, in the order they came, the waiting requests that can be decoded
-        with it: the same sampling settings, and the same model unless both are the base or plain
-        LoRA adapters (then at most ``max_resident`` adapters in one batch); up to ``max_batch``."""
-        job = self.waiting.popleft() if self.waiting else self.jobs.get()
-        batch, adapters = [job], {job.model} - {self.name}
+    def _fits(self, models: set[str]) -> bool:
+        """Whether requests for ``models`` can be decoded in one batch."""
+        if len(models) == 1:
+            return True
+        return all(self._shares_batches(m) for m in models) and len(models - {self.name}) <= self.limits.max_resident
+
+    def _joining(self, rows: list[Job]) -> list[Job]:
+        """The waiting requests that join a batch of ``rows`` now, in the order they came: the same
+        sampling settings as the batch, models that can share it, up to ``max_batch`` rows. With no
+        rows, it waits for a request and starts from it."""
+        joining = [] if rows else [self.waiting.popleft() if self.waiting else self.jobs.get()]
         while True:  # everything waiting now
             try:
                 self.waiting.append(self.jobs.get_nowait())
             except queue.Empty:
                 break
-        mixed = self._shares_batches(job.model)
+        reference = (rows or joining)[0]
+        models = {j.model for j in rows + joining}
         for other in list(self.waiting):
-            if len(batch) >= self.limits.max_batch:
+            if len(rows) + len(joining) >= self.limits.max_batch:
                 break
-            if other.settings() != job.settings():
-                continue
-            if other.model == job.model or (mixed and self._shares_batches(other.model)
-                                            and len(adapters | ({other.model} - {self.name})) <= self.limits.max_resident):  # fmt: skip
+            if other.cancelled:
                 self.waiting.remove(other)
-                batch.append(other)
-                adapters |= {other.model} - {self.name}
-        return batch
+            elif other.settings() == reference.settings() and self._fits(models | {other.model}):
+                self.waiting.remove(other)
+                joining.append(other)
+                models.add(other.model)
+        return [j for j in joining if not j.cancelled]
+
+    def _rows_context(self, jobs: list[Job]):
+        """The model set up for these rows (the lock held): each row's adapter, or the base.
+
+        Rows for different models go through peft's mixed-adapter batches: the hooks peft's
+        ``generate(adapter_names=...)`` registers, registered once and reading the row list that
+        is rewritten before every forward pass, so that rows can come and go without registering
+        them again. A batch of one model has that adapter set (or the adapters disabled for the
+        base). The setup stays from one forward pass to the next (``set_adapter`` and the hooks
+        cost tens of milliseconds, as much as a decoding step); another thread that takes the
+        model undoes it first (``_model_lock``)."""
+        import contextlib
+
+        models = [j.model for j in jobs]
+        adapters = list(dict.fromkeys(m for m in models if m != self.name))
+        fresh = [a for a in adapters if a not in self.resident]
+        for adapter in adapters:
+            self._load(adapter)  # at most max_resident of them (see _joining): none evicts another
+        mixed = self.peft is not None and all(self._shares_batches(m) for m in models) and (len(set(models)) > 1 or self.setup_key == "mixed")
+        key = "mixed" if mixed else models[0]
+        if key != self.setup_key or (mixed and fresh):  # a new adapter may wrap layers the hooks do not know yet
+            self._release_setup()
+            stack = contextlib.ExitStack()
+            if mixed:
+                self.row_adapters = []
+                stack.enter_context(self.peft._enable_peft_forward_hooks(adapter_names=self.row_adapters))
+            else:
+                stack.enter_context(self._model_for(key)[1])
+            self.setup, self.setup_key = stack, key
+        if mixed:
+            self.row_adapters[:] = ["__base__" if m == self.name else m for m in models]
+        return contextlib.nullcontext()
+
+    def _release_setup(self) -> None:
+        if self.setup is not None:
+            self.setup.close()
+        self.setup = self.setup_key = None
 
     def _work(self) -> None:
-        while True:
-            batch = self._next_batch()
-            try:
-                self._decode(batch)
-            except ServeError as err:
-                for j in batch:
-                    j.send(("error", err))
-            except Exception as err:  # noqa: BLE001 - a failed batch answers its requests and the server goes on
-                for j in batch:
-                    j.send(("error", ServeError(500, f"generation failed: {type(err).__name__}: {err}", "server_error")))
-
-    def _decode(self, batch: list[Job]) -> None:
+        from tunelab.deploy.batching import RunningBatch
         from tunelab.evaluation.models import _eos_ids
-        from tunelab.models.sampling import sample
 
+        eos = _eos_ids(self.base, self.tokenizer)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        width = max(len(j.prompt) for j in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, j in enumerate(batch):
-            ids[r, width - len(j.prompt) :] = torch.tensor(j.prompt)
-            mask[r, width - len(j.prompt) :] = 1
-        first = batch[0]
-        with self.lock:
-            model, context = self._model_for([j.model for j in batch])
-            eos = set(_eos_ids(model, self.tokenizer))
-            device = next(model.parameters()).device
-
-            def on_step(tokens: torch.Tensor) -> None:
-                for j, token in zip(batch, tokens.tolist()):
-                    if j.finish is not None:
-                        continue
-                    if token in eos:
-                        j.finish = "stop"
-                    else:
-                        j.tokens.append(token)
-                        j.send(("token", token))
-                        if len(j.tokens) >= j.max_tokens:
-                            j.finish = "length"
-                    if j.finish is not None:
-                        j.send(("done", j.finish))
-
-            with context, torch.no_grad():
-                sample(model, ids.to(device), mask.to(device), max(j.max_tokens for j in batch), sorted(eos), pad,
-                       temperature=max(first.temperature, 1e-6), top_p=first.top_p, greedy=first.temperature == 0,
-                       row_limits=torch.tensor([j.max_tokens for j in batch], device=device), on_step=on_step)  # fmt: skip
-        for j in batch:
-            if j.finish is None:
-                j.finish = "length"
-                j.send(("done", "length"))
-        self.counts["batches"] += 1
-        self.counts["batched_requests"] += len(batch)
-        self.counts["mixed_batches"] += len({j.model for j in batch}) > 1
-        self.counts["completion_tokens"] += sum(len(j.tokens) for j in batch)
+        running = None
+        while True:
+            joining = self._joining(running.rows if running else [])
+            if not joining and (running is None or not running.rows):
+                continue
+            while self.wanting:  # adapters to load, log-probabilities to score: between two steps
+                time.sleep(0.0005)
+            try:
+                with self.lock:
+                    if joining and (running is None or not running.rows):
+                        running = RunningBatch(self.base, eos, pad, joining[0].temperature, joining[0].top_p, self._rows_context)
+                    self.in_use = {j.model for j in running.rows + joining}
+                    began = time.perf_counter()
+                    if joining:
+                        running.join(joining)
+                    joined = time.perf_counter()
+                    for job in running.rows:
+                        if job.cancelled:
+                            job.finish = "cancelled"
+                    rows = running.rows
+                    tokens = sum(len(j.tokens) for j in rows)
+                    running.step()
+                    self.in_use = {j.model for j in running.rows}
+            except Exception as err:  # noqa: BLE001 - a failed step answers its requests and the server goes on
+                if not isinstance(err, ServeError):
+                    err = ServeError(500, f"generation failed: {type(err).__name__}: {err}", "server_error")
+                with self.lock:
+                    self._release_setup()
+                failed = running.fail() if running else []
+                for j in failed + [j for j in joining if all(j is not f for f in failed)]:
+                    j.send(("error", err))
+                self.in_use = set()
+                continue
+            self.counts["prefill_seconds"] += joined - began
+            self.counts["decode_seconds"] += time.perf_counter() - joined
+            self.counts["steps"] += 1
+            self.counts["step_rows"] += len(rows)
+            self.counts["mixed_steps"] += len({j.model for j in rows}) > 1
+            self.counts["largest_batch"] = max(self.counts["largest_batch"], len(rows))
+            self.counts["completion_tokens"] += sum(len(j.tokens) for j in rows) - tokens
 
     def token_logprobs(self, model_name: str, tokens: list[int], top: int) -> tuple[list[float | None], list[dict | None]]:
         """Each token's log-probability given those before it (the first: None), and the ``top``
         most likely tokens at each position, under ``model_name``."""
-        with self.lock:
+        with self._model_lock():
             model, context = self._model_for(model_name)
             device = next(model.parameters()).device
             with context, torch.no_grad():
@@ -415,6 +475,7 @@ def create_app(server: ModelServer, api_key: str | None = None):
             try:
                 kind, value = await asyncio.wait_for(job.events.get(), timeout=max(deadline - time.monotonic(), 0.001))
             except asyncio.TimeoutError:
+                job.cancelled = True
                 raise ServeError(504, f"the request ran past {server.limits.request_seconds:g} s", "server_error") from None
             if kind == "error":
                 raise value
@@ -464,14 +525,14 @@ def create_app(server: ModelServer, api_key: str | None = None):
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.get("stream"):
             return StreamingResponse(stream_chat(job, ident, created, requested, bool((body.get("stream_options") or {}).get("include_usage")), variant, started),
-                                     media_type="text/event-stream", headers={"X-Tunelab-Variant": variant})  # fmt: skip
+                                     media_type="text/event-stream", headers={"X-Tunelab-Variant": variant, "X-Tunelab-Model": model})  # fmt: skip
         async for _ in events(job):
             pass
         server.record(requested, variant, len(job.tokens), time.perf_counter() - started)
         content = server.tokenizer.decode(job.tokens, skip_special_tokens=True)
         return JSONResponse({"id": ident, "object": "chat.completion", "created": created, "model": requested,
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": job.finish}],
-                             "usage": usage(job)}, headers={"X-Tunelab-Variant": variant})  # fmt: skip
+                             "usage": usage(job)}, headers={"X-Tunelab-Variant": variant, "X-Tunelab-Model": model})  # fmt: skip
 
     async def stream_chat(job: Job, ident: str, created: int, model: str, include_usage: bool, variant: str, started: float):
         def chunk(delta: dict, finish: str | None = None) -> str:
@@ -497,6 +558,8 @@ def create_app(server: ModelServer, api_key: str | None = None):
                                              "choices": [], "usage": usage(job)}) + "\n\n"  # fmt: skip
         except ServeError as err:
             yield "data: " + json.dumps(err.body()) + "\n\n"
+        finally:
+            job.cancelled = job.finish is None  # the client went away: its row leaves the batch
         yield "data: [DONE]\n\n"
 
     @app.post("/v1/completions")
@@ -533,13 +596,14 @@ def create_app(server: ModelServer, api_key: str | None = None):
             choice["logprobs"] = {"tokens": pieces[start:], "token_logprobs": values[start:], "top_logprobs": tops[start:],
                                   "text_offset": [o - (offsets[start] if start < len(offsets) else 0) for o in offsets[start:]]}  # fmt: skip
         return JSONResponse({"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()), "model": requested,
-                             "choices": [choice], "usage": usage(job)}, headers={"X-Tunelab-Variant": variant})  # fmt: skip
+                             "choices": [choice], "usage": usage(job)}, headers={"X-Tunelab-Variant": variant, "X-Tunelab-Model": model})  # fmt: skip
 
     @app.get("/metrics")
     async def metrics():
         from fastapi.responses import PlainTextResponse
 
-        lines = [f"tunelab_{key}_total {value}" for key, value in server.counts.items()]
+        lines = [f"tunelab_{key}_total {value}" for key, value in server.counts.items() if key != "largest_batch"]
+        lines.append(f"tunelab_largest_batch {server.counts['largest_batch']}")
         for (route, variant), counts in sorted(server.variants.items()):
             labels = f'{{route="{route}",variant="{variant}"}}'
             lines += [f"tunelab_variant_requests_total{labels} {counts['requests']}",

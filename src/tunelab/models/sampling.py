@@ -93,6 +93,27 @@ if DynamicLayer is not None:
             self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
             return self.keys, self.values
 
+        def regroup(self, keep: torch.Tensor, start: int, joining: "ReservedLayer | None", length: int, capacity: int) -> None:
+            """Hold the rows ``keep`` of this layer from position ``start`` on, then the rows of
+            ``joining``, each block right-aligned at ``length`` positions (zeros on the left, which
+            the attention mask hides), in new buffers of ``capacity`` positions: a server's running
+            batch as requests leave and join it. Keys are stored after each row's own rotary
+            embedding, so moving them moves nothing they mean."""
+            parts = [(self.key_buffer[keep, :, start : self.length], self.value_buffer[keep, :, start : self.length])] if len(keep) else []
+            if joining is not None:
+                parts.append((joining.keys, joining.values))
+            rows = sum(k.shape[0] for k, _ in parts)
+            reference = parts[0][0]
+            self.key_buffer = reference.new_zeros(rows, reference.shape[1], capacity, reference.shape[-1])
+            self.value_buffer = torch.zeros_like(self.key_buffer)
+            row = 0
+            for keys, values in parts:
+                self.key_buffer[row : row + keys.shape[0], :, length - keys.shape[-2] : length] = keys
+                self.value_buffer[row : row + keys.shape[0], :, length - keys.shape[-2] : length] = values
+                row += keys.shape[0]
+            self.capacity, self.length, self.device, self.is_initialized = capacity, length, reference.device, True
+            self.keys, self.values = self.key_buffer[:, :, :length], self.value_buffer[:, :, :length]
+
         def batch_repeat_interleave(self, repeats: int) -> None:
             if self.length:
                 self.key_buffer = self.key_buffer.repeat_interleave(repeats, dim=0)
