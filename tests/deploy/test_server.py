@@ -40,7 +40,7 @@ def served(tiny_base_model, tmp_path_factory):
     registry.register("m", first), registry.register("m", second)
     server = ModelServer(load_eval_model(str(tiny_base_model), device="cpu"), {"a1": str(first), "a2": str(second)}, [str(adapters)],
                          Limits(max_batch=8, queue_size=16, max_tokens=64), name="tiny", registry=registry,
-                         routes={"ab": [("a1", 0.8), ("a2", 0.2)]})  # fmt: skip
+                         routes={"ab": [("a1", 0.8), ("a2", 0.2)]}, ab_log=str(tmp_path_factory.mktemp("ab") / "ab.jsonl"))  # fmt: skip
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -217,6 +217,7 @@ def test_registry_references_follow_promotion_and_rollback_without_a_restart(ser
     with pytest.raises(openai.NotFoundError, match="has no production version"):
         production()
     registry.promote("m", 1)
+    assert "m@production" in [m.id for m in client.models.list().data]
     assert production() == answers["a1"]
     registry.promote("m", 2)
     assert production() == answers["a2"]
@@ -251,6 +252,35 @@ def test_an_ab_split_follows_its_weights_sticks_to_a_user_and_counts_each_varian
     before = sum(c["requests"] for (route, _), c in server.variants.items() if route == "ab")
     list(client.chat.completions.create(model="ab", messages=MESSAGES, max_tokens=2, stream=True, user="user-7"))
     assert sum(c["requests"] for (route, _), c in server.variants.items() if route == "ab") == before + 1  # streamed requests count too
+
+
+def test_feedback_and_the_ab_log_feed_tunelab_eval_ab(served, capsys):
+    import json
+
+    from tunelab.cli.eval_stats import cmd_ab
+
+    client, port, server = served["client"], served["port"], served["server"]
+    outcomes = {}
+    for i in range(60):
+        raw = client.chat.completions.with_raw_response.create(model="ab", messages=MESSAGES, max_tokens=1, temperature=0, user=f"fb-{i}")
+        variant = raw.headers["x-tunelab-variant"]
+        outcomes[raw.parse().id] = (variant, int(variant == "a1" or i % 4 == 0))  # users like a1's answers more
+    for ident, (_, outcome) in outcomes.items():
+        status, row = call(port, "POST", "/v1/feedback", {"id": ident, "outcome": outcome})
+        assert status == 200 and row["variant"] == outcomes[ident][0]
+    assert call(port, "POST", "/v1/feedback", {"id": "chatcmpl-unknown", "outcome": 1})[0] == 404
+    assert call(port, "POST", "/v1/feedback", {"id": next(iter(outcomes)), "outcome": "good"})[0] == 400
+    log = [json.loads(line) for line in server.ab_log.read_text().splitlines()]
+    answers = [r for r in log if "latency_s" in r and r["id"] in outcomes]
+    assert len(answers) == 60 and all(r["route"] == "ab" and r["model"] == r["variant"] and r["user"].startswith("fb-") for r in answers)
+    assert cmd_ab([str(server.ab_log), "--where", "route=ab", "--outcome", "outcome", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    per_variant = {v: [o for vv, o in outcomes.values() if vv == v] for v in ("a1", "a2")}
+    assert (report["a"], report["b"], report["kind"]) == ("a1", "a2", "proportion")
+    assert (report["n_a"], report["n_b"]) == (len(per_variant["a1"]), len(per_variant["a2"]))
+    assert report["proportion"]["rate_a"] == pytest.approx(1.0) and report["proportion"]["rate_b"] == pytest.approx(sum(per_variant["a2"]) / len(per_variant["a2"]))
+    assert cmd_ab([str(server.ab_log), "--where", "route=ab", "--outcome", "latency_s", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kind"] == "score"
 
 
 def test_refusals_have_the_right_status_and_the_server_keeps_serving(served):

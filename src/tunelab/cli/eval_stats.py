@@ -86,6 +86,8 @@ def cmd_ab(argv: list[str]) -> int:
     parser.add_argument("--outcome", help="RESULTS: the outcome column (default: outcome, success or score, whichever exists)")
     parser.add_argument("--variant-column", default="variant", help="RESULTS: the column naming the variant (default variant)")
     parser.add_argument("--baseline", help="RESULTS: the variant to call a (default: the first in sorted order)")
+    parser.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
+                        help="RESULTS: only rows whose COLUMN holds VALUE (repeatable; e.g. route=chat for a tunelab serve --ab-log file)")
     parser.add_argument("--kind", choices=KINDS, default="auto", help="proportion (0/1), score, or auto: proportion when every value is 0 or 1")
     parser.add_argument(
         "--effect", type=float, help="effect to size for: a difference in rate (proportions) or Cohen's d (scores); default: the observed one"
@@ -113,7 +115,15 @@ def cmd_ab(argv: list[str]) -> int:
             "tunelab eval ab: give RESULTS (a CSV or JSON lines file with variant and outcome columns), or both --a and --b (two "
             "predictions files) with --metric. See tunelab eval ab --help."
         )
+    where = {}
+    for spec in args.where:
+        column, sep, value = spec.partition("=")
+        if not sep or not column.strip():
+            raise TunelabError(f"tunelab eval ab: --where {spec!r}: write COLUMN=VALUE (e.g. --where route=chat).")
+        where[column.strip()] = value.strip()
+    if where and not args.results:
+        raise TunelabError("tunelab eval ab: --where filters a results table (RESULTS); it does not apply to --a/--b predictions files.")
     report = ab_test(results, metric=args.metric, kind=args.kind, outcome=args.outcome, variant_column=args.variant_column,
-                     baseline=args.baseline, effect=args.effect, alpha=args.alpha, power=args.power, seed=args.seed)  # fmt: skip
+                     baseline=args.baseline, effect=args.effect, alpha=args.alpha, power=args.power, seed=args.seed, where=where)  # fmt: skip
     _emit(report, args.json)
     return 0

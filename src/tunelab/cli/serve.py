@@ -19,6 +19,9 @@ def cmd_serve(argv: list[str]) -> int:
     parser.add_argument("--api-key", default=os.environ.get("TUNELAB_API_KEY"), help="require Authorization: Bearer KEY (default $TUNELAB_API_KEY)")
     parser.add_argument("--route", action="append", default=[],
                         help="NAME=VARIANT:WEIGHT,VARIANT:WEIGHT: requests for NAME split between variants by weight, sticky per user (repeatable)")
+    parser.add_argument("--ab-log", metavar="FILE",
+                        help="write every answer of a --route name (variant, tokens, latency) and every POST /v1/feedback to this JSON lines "
+                             "file, for tunelab eval ab FILE --where route=NAME --outcome latency_s|outcome")  # fmt: skip
     parser.add_argument("--registry-url", help="serve registry references (NAME@production, NAME@staging, NAME@3) from this registry")
     parser.add_argument("--device", help="cpu, cuda (default: cuda when there is one)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -48,7 +51,7 @@ def cmd_serve(argv: list[str]) -> int:
 
         registry = Registry(args.registry_url)
     server = ModelServer(load_eval_model(args.model, dtype=args.dtype, device=args.device), adapters, args.adapter_dir, limits,
-                         name=args.name or args.model.rstrip("/").split("/")[-1], registry=registry, routes=parse_routes(args.route))  # fmt: skip
+                         name=args.name or args.model.rstrip("/").split("/")[-1], registry=registry, routes=parse_routes(args.route), ab_log=args.ab_log)  # fmt: skip
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         log.warning("Serving on %s without an API key: anyone who reaches this address can use the models (set --api-key).", args.host)
     log.info("Serving %s on http://%s:%d/v1", ", ".join(server.models()), args.host, args.port)

@@ -19,6 +19,7 @@ at most ``max_resident`` at once, the least recently used unloaded first.
 
 import asyncio
 import json
+import math
 import queue
 import threading
 import time
@@ -70,6 +71,19 @@ class Job:
 
 
 @dataclass
+class Routed:
+    """A request's way through the server: the model it named, the variant its route chose (the
+    same name without a route), the served model that decodes it, who asked, when, its id."""
+
+    requested: str
+    variant: str
+    model: str
+    user: str | None
+    ident: str
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
 class Limits:
     max_batch: int = 8
     queue_size: int = 64
@@ -84,10 +98,14 @@ class ModelServer:
     """The model, its adapters and the worker that decodes batches."""
 
     def __init__(self, local, adapters: dict[str, str] | None = None, adapter_dirs: list[str] | None = None, limits: Limits | None = None,
-                 name: str | None = None, registry=None, routes: dict[str, list[tuple[str, float]]] | None = None):  # fmt: skip
+                 name: str | None = None, registry=None, routes: dict[str, list[tuple[str, float]]] | None = None, ab_log: str | None = None):  # fmt: skip
         self.local, self.tokenizer, self.registry = local, local.tokenizer, registry
         self.routes = dict(routes or {})  # name -> [(variant, weight)]: A/B and canary splits
-        self.variants: dict[tuple[str, str], dict] = {}  # (route, variant) -> requests, tokens, seconds
+        self.variants: dict[tuple[str, str], dict] = {}  # (route, variant) -> requests, tokens, seconds, feedback, outcome
+        self.answered: OrderedDict[str, tuple[str, str]] = OrderedDict()  # a routed answer's id -> (route, variant), for feedback
+        self.ab_log, self.log_lock = (Path(ab_log) if ab_log else None), threading.Lock()
+        if self.ab_log is not None:
+            self.ab_log.parent.mkdir(parents=True, exist_ok=True)
         self.base, self.name = local.model, name or Path(str(local.name)).name
         self.limits = limits or Limits()
         self.adapter_dirs = [Path(d).resolve() for d in (adapter_dirs or [])]
@@ -123,7 +141,12 @@ class ModelServer:
     # ----------------------------------------------------------------------------- adapters
 
     def models(self) -> list[str]:
-        return [self.name, *[k for k in self.known if "@v" not in k], *self.routes]
+        """What requests may name: the base, the adapters, the routes, and with a registry each
+        name's production and staging versions."""
+        staged = []
+        if self.registry is not None:
+            staged = [f"{v.name}@{v.stage}" for v in self.registry.list_versions() if v.stage in ("production", "staging")]
+        return [self.name, *[k for k in self.known if "@v" not in k], *self.routes, *staged]
 
     def route(self, name: str, user: str | None) -> str:
         """The variant a request for ``name`` goes to: by weight, the same for every request of one
@@ -146,12 +169,40 @@ class ModelServer:
                 return variant
         return variants[-1][0]
 
-    def record(self, name: str, variant: str, tokens: int, seconds: float) -> None:
-        if name in self.routes:
-            counts = self.variants.setdefault((name, variant), {"requests": 0, "completion_tokens": 0, "seconds": 0.0})
-            counts["requests"] += 1
-            counts["completion_tokens"] += tokens
-            counts["seconds"] += seconds
+    def record(self, call: Routed, job: Job) -> None:
+        """Count a routed request's answer for its variant, keep its id for feedback, and write it to
+        the A/B log (one JSON line: route, variant, served model, user, tokens, latency, finish)."""
+        if call.requested not in self.routes:
+            return
+        seconds = time.perf_counter() - call.started
+        counts = self.variants.setdefault((call.requested, call.variant), {"requests": 0, "completion_tokens": 0, "seconds": 0.0, "feedback": 0, "outcome": 0.0})
+        counts["requests"] += 1
+        counts["completion_tokens"] += len(job.tokens)
+        counts["seconds"] += seconds
+        self.answered[call.ident] = (call.requested, call.variant)
+        while len(self.answered) > 100_000:  # feedback comes soon after an answer, or not at all
+            self.answered.popitem(last=False)
+        self._log({"id": call.ident, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "route": call.requested, "variant": call.variant,
+                   "model": call.model, "user": call.user, "completion_tokens": len(job.tokens), "latency_s": round(seconds, 4), "finish": job.finish})  # fmt: skip
+
+    def feedback(self, ident: str, outcome: float) -> dict:
+        """A user's outcome for an answer (1/0 for good/bad, or a score), counted for its variant
+        and written to the A/B log, where ``tunelab eval ab LOG --outcome outcome`` reads it."""
+        if ident not in self.answered:
+            raise ServeError(404, f"no routed answer with id {ident!r} (feedback is taken for answers of --route names, by the id of the response)",
+                             code="not_found")  # fmt: skip
+        route, variant = self.answered[ident]
+        counts = self.variants[(route, variant)]
+        counts["feedback"] += 1
+        counts["outcome"] += outcome
+        row = {"id": ident, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "route": route, "variant": variant, "outcome": outcome}
+        self._log(row)
+        return row
+
+    def _log(self, row: dict) -> None:
+        if self.ab_log is not None:
+            with self.log_lock, self.ab_log.open("a", encoding="utf-8") as log:
+                log.write(json.dumps(row) + "\n")
 
     def add_adapter(self, name: str, path: str, trusted: bool = False) -> None:
         """Know ``name`` as the adapter in ``path`` and load it now (within the allowed folders
@@ -483,12 +534,16 @@ def create_app(server: ModelServer, api_key: str | None = None):
             if kind == "done":
                 return
 
-    async def target(request: Request, body: dict) -> tuple[str, str, str, float]:
+    async def target(request: Request, body: dict, prefix: str) -> Routed:
         """The model a request names, the variant its route sends it to, the served model that
-        decodes it, and when it started."""
-        requested, started = str(body.get("model", "")), time.perf_counter()
-        variant = server.route(requested, body.get("user") or request.headers.get("x-tunelab-user"))
-        return requested, variant, await asyncio.to_thread(server.check_model, variant), started
+        decodes it."""
+        requested, user = str(body.get("model", "")), body.get("user") or request.headers.get("x-tunelab-user")
+        variant = server.route(requested, user)
+        model = await asyncio.to_thread(server.check_model, variant)
+        return Routed(requested, variant, model, user, f"{prefix}-{uuid.uuid4().hex[:24]}")
+
+    def headers(call: Routed) -> dict:
+        return {"X-Tunelab-Variant": call.variant, "X-Tunelab-Model": call.model}
 
     def usage(job: Job) -> dict:
         return {"prompt_tokens": len(job.prompt), "completion_tokens": len(job.tokens), "total_tokens": len(job.prompt) + len(job.tokens)}
@@ -515,26 +570,28 @@ def create_app(server: ModelServer, api_key: str | None = None):
         from tunelab.data import render
 
         body = await body_of(request)
-        requested, variant, model, started = await target(request, body)
+        call = await target(request, body, "chatcmpl")
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
             raise ServeError(400, "messages must be a non-empty list of {role, content}", code="invalid_value")
         max_tokens, temperature, top_p = settings(body)
         text = render(server.tokenizer, [{"role": m["role"], "content": str(m["content"])} for m in messages], add_generation_prompt=True)
-        job = await run(model, server.tokenizer(text, add_special_tokens=False)["input_ids"], max_tokens, temperature, top_p)
-        ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        job = await run(call.model, server.tokenizer(text, add_special_tokens=False)["input_ids"], max_tokens, temperature, top_p)
+        created = int(time.time())
         if body.get("stream"):
-            return StreamingResponse(stream_chat(job, ident, created, requested, bool((body.get("stream_options") or {}).get("include_usage")), variant, started),
-                                     media_type="text/event-stream", headers={"X-Tunelab-Variant": variant, "X-Tunelab-Model": model})  # fmt: skip
+            return StreamingResponse(stream_chat(job, call, created, bool((body.get("stream_options") or {}).get("include_usage"))),
+                                     media_type="text/event-stream", headers=headers(call))  # fmt: skip
         async for _ in events(job):
             pass
-        server.record(requested, variant, len(job.tokens), time.perf_counter() - started)
+        server.record(call, job)
         content = server.tokenizer.decode(job.tokens, skip_special_tokens=True)
-        return JSONResponse({"id": ident, "object": "chat.completion", "created": created, "model": requested,
+        return JSONResponse({"id": call.ident, "object": "chat.completion", "created": created, "model": call.requested,
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": job.finish}],
-                             "usage": usage(job)}, headers={"X-Tunelab-Variant": variant, "X-Tunelab-Model": model})  # fmt: skip
+                             "usage": usage(job)}, headers=headers(call))  # fmt: skip
 
-    async def stream_chat(job: Job, ident: str, created: int, model: str, include_usage: bool, variant: str, started: float):
+    async def stream_chat(job: Job, call: Routed, created: int, include_usage: bool):
+        ident, model = call.ident, call.requested
+
         def chunk(delta: dict, finish: str | None = None) -> str:
             return "data: " + json.dumps({"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
                                           "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n"  # fmt: skip
@@ -552,7 +609,7 @@ def create_app(server: ModelServer, api_key: str | None = None):
             if text != shown:
                 yield chunk({"content": text[len(shown) :]})
             yield chunk({}, job.finish)
-            server.record(model, variant, len(job.tokens), time.perf_counter() - started)
+            server.record(call, job)
             if include_usage:
                 yield "data: " + json.dumps({"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
                                              "choices": [], "usage": usage(job)}) + "\n\n"  # fmt: skip
@@ -565,7 +622,7 @@ def create_app(server: ModelServer, api_key: str | None = None):
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await body_of(request)
-        requested, variant, model, started = await target(request, body)
+        call = await target(request, body, "cmpl")
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]
@@ -578,15 +635,15 @@ def create_app(server: ModelServer, api_key: str | None = None):
         if logprobs is not None and (not isinstance(logprobs, int) or not 0 <= logprobs <= 20):
             raise ServeError(400, "logprobs must be an integer from 0 to 20", code="invalid_value")
         prompt_ids = server.tokenizer(prompt)["input_ids"]
-        job = await run(model, prompt_ids, max_tokens, temperature, top_p)
+        job = await run(call.model, prompt_ids, max_tokens, temperature, top_p)
         async for _ in events(job):
             pass
-        server.record(requested, variant, len(job.tokens), time.perf_counter() - started)
+        server.record(call, job)
         completion = server.tokenizer.decode(job.tokens, skip_special_tokens=True)
         choice = {"index": 0, "text": (prompt if echo else "") + completion, "logprobs": None, "finish_reason": job.finish}
         if logprobs is not None:
             scored = prompt_ids + job.tokens
-            values, tops = await asyncio.to_thread(server.token_logprobs, model, scored, logprobs)
+            values, tops = await asyncio.to_thread(server.token_logprobs, call.model, scored, logprobs)
             start = 0 if echo else len(prompt_ids)
             pieces = [server.tokenizer.decode([t]) for t in scored]
             offsets, position = [], 0
@@ -595,8 +652,16 @@ def create_app(server: ModelServer, api_key: str | None = None):
                 position += len(piece)
             choice["logprobs"] = {"tokens": pieces[start:], "token_logprobs": values[start:], "top_logprobs": tops[start:],
                                   "text_offset": [o - (offsets[start] if start < len(offsets) else 0) for o in offsets[start:]]}  # fmt: skip
-        return JSONResponse({"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()), "model": requested,
-                             "choices": [choice], "usage": usage(job)}, headers={"X-Tunelab-Variant": variant, "X-Tunelab-Model": model})  # fmt: skip
+        return JSONResponse({"id": call.ident, "object": "text_completion", "created": int(time.time()), "model": call.requested,
+                             "choices": [choice], "usage": usage(job)}, headers=headers(call))  # fmt: skip
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request):
+        body = await body_of(request)
+        outcome = body.get("outcome")
+        if not isinstance(body.get("id"), str) or not isinstance(outcome, (int, float)) or not math.isfinite(outcome):
+            raise ServeError(400, 'give {"id": RESPONSE_ID, "outcome": 1 or 0 (good or bad) or a score}', code="invalid_value")
+        return server.feedback(body["id"], float(outcome))
 
     @app.get("/metrics")
     async def metrics():
@@ -608,7 +673,9 @@ def create_app(server: ModelServer, api_key: str | None = None):
             labels = f'{{route="{route}",variant="{variant}"}}'
             lines += [f"tunelab_variant_requests_total{labels} {counts['requests']}",
                       f"tunelab_variant_completion_tokens_total{labels} {counts['completion_tokens']}",
-                      f"tunelab_variant_latency_seconds_sum{labels} {counts['seconds']:.6f}"]  # fmt: skip
+                      f"tunelab_variant_latency_seconds_sum{labels} {counts['seconds']:.6f}",
+                      f"tunelab_variant_feedback_total{labels} {counts['feedback']}",
+                      f"tunelab_variant_outcome_sum{labels} {counts['outcome']:g}"]  # fmt: skip
         lines.append(f"tunelab_queue_waiting {server.jobs.qsize() + len(server.waiting)}")
         return PlainTextResponse("\n".join(lines) + "\n")
 

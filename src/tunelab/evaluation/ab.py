@@ -108,14 +108,16 @@ def _json_safe(value):
 
 def ab_test(results, metric: str | None = None, kind: str = "auto", outcome: str | None = None, variant_column: str = "variant",
             baseline: str | None = None, effect: float | None = None, alpha: float = 0.05, power: float = 0.8,
-            n_resamples: int = 2000, seed: int = 0) -> ABReport:  # fmt: skip
+            n_resamples: int = 2000, seed: int = 0, where: dict[str, str] | None = None) -> ABReport:  # fmt: skip
     """Compare two variants. ``results`` is a results table (path) or two predictions files
     (``{a_name: path, b_name: path}``, a first) with ``metric`` naming the score to compare.
 
     ``kind`` is ``proportion`` (0/1 outcomes), ``score`` or ``auto`` (proportion when every value
     is 0 or 1). In a table, a is ``baseline`` or else the first variant in sorted order. The sample
     size is per arm for 80% (``power``) power at ``alpha``: for the observed effect, or for
-    ``effect`` when given (a difference in rate for proportions, Cohen's d for scores)."""
+    ``effect`` when given (a difference in rate for proportions, Cohen's d for scores). ``where``:
+    only the table's rows whose columns hold these values (``{"route": "chat"}`` picks one route of
+    a ``tunelab serve --ab-log`` file)."""
     if kind not in KINDS:
         raise TunelabError(f"kind={kind!r}: choose auto, proportion (0/1 outcomes) or score.")
     for name, value in (("alpha", alpha), ("power", power)):
@@ -125,7 +127,7 @@ def ab_test(results, metric: str | None = None, kind: str = "auto", outcome: str
         arms, source, name = _prediction_arms(results, metric)
         missing = 0
     else:
-        arms, source, name, missing = _table_arms(Path(results), outcome, variant_column, baseline)
+        arms, source, name, missing = _table_arms(Path(results), outcome, variant_column, baseline, where or {})
     a, b = arms
     for arm in arms:
         if len(arm.values) < 2:
@@ -153,8 +155,14 @@ def ab_test(results, metric: str | None = None, kind: str = "auto", outcome: str
 # ----------------------------------------------------------------------------- inputs
 
 
-def _table_arms(path: Path, outcome: str | None, variant_column: str, baseline: str | None) -> tuple[list[_Arm], str, str, int]:
+def _table_arms(path: Path, outcome: str | None, variant_column: str, baseline: str | None, where: dict[str, str]) -> tuple[list[_Arm], str, str, int]:
     rows, columns = _read_table(path)
+    for column, value in where.items():
+        if column not in columns:
+            raise TunelabError(f"Results file '{path}' has no column '{column}' (--where {column}={value}); its columns are {', '.join(columns)}.")
+        rows = [(line, row) for line, row in rows if str(row.get(column, "")).strip() == value]
+        if not rows:
+            raise TunelabError(f"Results file '{path}' has no rows with {column}={value}.")
     column = outcome or next((c for c in OUTCOME_COLUMNS if c in columns), None)
     for wanted, flag in ((variant_column, "--variant-column"), (column, "--outcome")):
         if wanted is None or wanted not in columns:
