@@ -8,6 +8,8 @@ rates are counted over the whole time to the last answer. Two runs by default, t
 
 - ``batched``: up to ``--max-batch`` requests in the running batch (joining and leaving between
   steps, the adapters mixed);
+- ``batched-peft``: the same with ``--mixed-lora peft`` (peft's mixed-adapter batches, the
+  reference for tunelab's stacked LoRA update);
 - ``sequential``: ``--max-batch 1``, one request at a time.
 
 It reports requests/s, completion tokens/s, p50/p95 latency, failed requests and the server's
@@ -60,10 +62,10 @@ def make_adapters(model: str, count: int, folder: Path) -> dict[str, str]:
     return adapters
 
 
-def start_server(args, adapters: dict[str, str], max_batch: int, port: int, log: Path) -> subprocess.Popen:
+def start_server(args, adapters: dict[str, str], max_batch: int, port: int, log: Path, mixed_lora: str = "stacked") -> subprocess.Popen:
     command = [sys.executable, "-m", "tunelab", "serve", "--model", args.model, "--name", "base", "--port", str(port),
                "--max-batch", str(max_batch), "--queue-size", str(args.queue_size), "--max-resident", str(max(len(adapters), 1)),
-               "--max-tokens", str(args.max_tokens), "--dtype", args.dtype]  # fmt: skip
+               "--max-tokens", str(args.max_tokens), "--dtype", args.dtype, "--mixed-lora", mixed_lora]  # fmt: skip
     for name, path in adapters.items():
         command += ["--adapter", f"{name}={path}"]
     server = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env={k: v for k, v in os.environ.items() if k != "TUNELAB_API_KEY"})
@@ -141,7 +143,7 @@ def main() -> None:
     parser.add_argument("--queue-size", type=int, default=64)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--request-timeout", type=float, default=600.0)
-    parser.add_argument("--runs", default="batched,sequential")
+    parser.add_argument("--runs", default="batched,batched-peft,sequential")
     parser.add_argument("--port", type=int, default=8431)
     parser.add_argument("--workdir", default="runs/bench-serve")
     parser.add_argument("--table", default=str(HERE / "RESULTS-serve.md"))
@@ -158,8 +160,8 @@ def main() -> None:
     questions = [json.loads(line)["question"] for line in QUESTIONS.read_text().splitlines() if line.strip()]
     results = {}
     for name in args.runs.split(","):
-        max_batch = {"batched": args.max_batch, "sequential": 1}[name]
-        server = start_server(args, adapters, max_batch, args.port, workdir / f"server-{name}.log")
+        max_batch = {"batched": args.max_batch, "batched-peft": args.max_batch, "sequential": 1}[name]
+        server = start_server(args, adapters, max_batch, args.port, workdir / f"server-{name}.log", "peft" if name == "batched-peft" else "stacked")
         try:
             print(f"{name}: {args.clients} clients for {args.duration:g} s across {', '.join(models)} (--max-batch {max_batch})", flush=True)
             before = server_counts(args.port)
@@ -183,7 +185,8 @@ def write_table(args, models: list[str], results: dict) -> None:
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for name, r in results.items():
         ratio = f"{r['tokens_per_s'] / reference['tokens_per_s']:.2f}x" if reference else "-"
-        rows.append(f"| {name} (--max-batch {r['max_batch']}) | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | {ratio} | {r['p50_s']:.2f} | "
+        label = f"{name} (--max-batch {r['max_batch']}{', --mixed-lora peft' if name == 'batched-peft' else ''})"
+        rows.append(f"| {label} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | {ratio} | {r['p50_s']:.2f} | "
                     f"{r['p95_s']:.2f} | {r['failed']} | {r['mean_batch']:.1f} | {r['mixed_steps'] / max(r['steps'], 1):.0%} of {r['steps']:.0f} |")  # fmt: skip
     command = " ".join(["python", "bench/serve.py", *sys.argv[1:]])
     text = (f"# tunelab serve under load\n\n`{command}` ({time.strftime('%Y-%m-%d')}): {args.model}, {args.dtype}, "

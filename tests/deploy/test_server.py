@@ -182,11 +182,18 @@ def test_adapters_peft_cannot_mix_dora_batch_only_with_requests_for_themselves(t
         def job(model, temperature=0.0):
             return Job(model, [1, 2, 3], 4, temperature, 1.0, None, None)
 
-        for j in [job("tiny"), job("dora"), job("plain"), job("plain", 0.7), job("dora"), job("tiny")]:
+        for j in [job("tiny"), job("plain"), job("tiny"), job("dora"), job("dora"), job("plain", 0.7), job("plain", 0.7), job("tiny")]:
             server.waiting.append(j)
         assert [(j.model, j.temperature) for j in server._joining([])] == [("tiny", 0.0), ("plain", 0.0), ("tiny", 0.0)]
         assert [j.model for j in server._joining([])] == ["dora", "dora"]
-        assert [(j.model, j.temperature) for j in server._joining([])] == [("plain", 0.7)]
+        assert [(j.model, j.temperature) for j in server._joining([])] == [("plain", 0.7), ("plain", 0.7)]
+        # a request that cannot join stops the ones behind it from overtaking it
+        running = [job("tiny")]
+        for j in [job("tiny"), job("tiny", 0.7), job("tiny")]:
+            server.waiting.append(j)
+        assert [(j.model, j.temperature) for j in server._joining(running)] == [("tiny", 0.0)] * 2  # the one left from before, then one
+        assert [(j.model, j.temperature) for j in server._joining([])] == [("tiny", 0.7)]
+        assert [(j.model, j.temperature) for j in server._joining([])] == [("tiny", 0.0)]
 
 
 def test_hot_loading_and_unloading_an_adapter(served):

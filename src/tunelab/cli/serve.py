@@ -25,6 +25,8 @@ def cmd_serve(argv: list[str]) -> int:
     parser.add_argument("--registry-url", help="serve registry references (NAME@production, NAME@staging, NAME@3) from this registry")
     parser.add_argument("--device", help="cpu, cuda (default: cuda when there is one)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--mixed-lora", default="stacked", choices=("stacked", "peft"),
+                        help="rows for different LoRA adapters in one batch: tunelab's stacked update (default) or peft's mixed-adapter batches")
     group = parser.add_argument_group("limits")
     group.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
     group.add_argument("--queue-size", type=int, default=64, help="requests waiting before the server answers 503")
@@ -51,7 +53,7 @@ def cmd_serve(argv: list[str]) -> int:
 
         registry = Registry(args.registry_url)
     server = ModelServer(load_eval_model(args.model, dtype=args.dtype, device=args.device), adapters, args.adapter_dir, limits,
-                         name=args.name or args.model.rstrip("/").split("/")[-1], registry=registry, routes=parse_routes(args.route), ab_log=args.ab_log)  # fmt: skip
+                         name=args.name or args.model.rstrip("/").split("/")[-1], registry=registry, routes=parse_routes(args.route), ab_log=args.ab_log, mixed_lora=args.mixed_lora)  # fmt: skip
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         log.warning("Serving on %s without an API key: anyone who reaches this address can use the models (set --api-key).", args.host)
     log.info("Serving %s on http://%s:%d/v1", ", ".join(server.models()), args.host, args.port)

@@ -98,7 +98,8 @@ class ModelServer:
     """The model, its adapters and the worker that decodes batches."""
 
     def __init__(self, local, adapters: dict[str, str] | None = None, adapter_dirs: list[str] | None = None, limits: Limits | None = None,
-                 name: str | None = None, registry=None, routes: dict[str, list[tuple[str, float]]] | None = None, ab_log: str | None = None):  # fmt: skip
+                 name: str | None = None, registry=None, routes: dict[str, list[tuple[str, float]]] | None = None, ab_log: str | None = None,
+                 mixed_lora: str = "stacked"):  # fmt: skip
         self.local, self.tokenizer, self.registry = local, local.tokenizer, registry
         self.routes = dict(routes or {})  # name -> [(variant, weight)]: A/B and canary splits
         self.variants: dict[tuple[str, str], dict] = {}  # (route, variant) -> requests, tokens, seconds, feedback, outcome
@@ -118,6 +119,10 @@ class ModelServer:
         self.in_use: set[str] = set()  # the models of the running batch (never evicted)
         self.setup = self.setup_key = None  # the worker's model setup for its rows (see _rows_context)
         self.row_adapters: list[str] = []  # each row's adapter, read by peft's mixed-batch hooks
+        self.stacked = None  # the StackedLoRA of the mixed setup
+        if mixed_lora not in ("stacked", "peft"):
+            raise TunelabError(f"mixed_lora={mixed_lora!r}: choose stacked (tunelab's, the default) or peft (peft's mixed-adapter batches).")
+        self.mixed_lora = mixed_lora
         self.jobs: "queue.Queue[Job]" = queue.Queue(maxsize=self.limits.queue_size)
         self.waiting: deque[Job] = deque()  # taken from the queue, not yet batched
         # steps: decoding steps; step_rows: rows over all steps (/ steps: the mean batch); mixed_steps: steps with more than one model
@@ -341,8 +346,10 @@ class ModelServer:
 
     def _joining(self, rows: list[Job]) -> list[Job]:
         """The waiting requests that join a batch of ``rows`` now, in the order they came: the same
-        sampling settings as the batch, models that can share it, up to ``max_batch`` rows. With no
-        rows, it waits for a request and starts from it."""
+        sampling settings as the batch, models that can share it, up to ``max_batch`` rows. The
+        first waiting request that cannot join ends the list, so that nothing overtakes it: the
+        batch drains, and the next one starts from it. With no rows, it waits for a request and
+        starts from it."""
         joining = [] if rows else [self.waiting.popleft() if self.waiting else self.jobs.get()]
         while True:  # everything waiting now
             try:
@@ -360,37 +367,54 @@ class ModelServer:
                 self.waiting.remove(other)
                 joining.append(other)
                 models.add(other.model)
+            else:
+                break
         return [j for j in joining if not j.cancelled]
 
     def _rows_context(self, jobs: list[Job]):
         """The model set up for these rows (the lock held): each row's adapter, or the base.
 
-        Rows for different models go through peft's mixed-adapter batches: the hooks peft's
-        ``generate(adapter_names=...)`` registers, registered once and reading the row list that
-        is rewritten before every forward pass, so that rows can come and go without registering
-        them again. A batch of one model has that adapter set (or the adapters disabled for the
-        base). The setup stays from one forward pass to the next (``set_adapter`` and the hooks
-        cost tens of milliseconds, as much as a decoding step); another thread that takes the
-        model undoes it first (``_model_lock``)."""
+        Rows for different plain LoRA adapters (and the base) take each its own update: by default
+        through ``StackedLoRA`` (the resident adapters' matrices stacked, two products a layer),
+        with ``mixed_lora="peft"`` through peft's mixed-adapter batches (the hooks its
+        ``generate(adapter_names=...)`` registers, reading the row list rewritten before every
+        forward pass). Once mixed, the setup stays mixed for every batch of plain LoRA rows, so
+        rows can come and go without setting it up again. A batch of one model otherwise has that
+        adapter set (or the adapters disabled for the base). The setup stays from one forward pass
+        to the next (``set_adapter`` and hooks cost tens of milliseconds, as much as a decoding
+        step); another thread that takes the model undoes it first (``_model_lock``)."""
         import contextlib
+
+        from tunelab.deploy.mixed_lora import StackedLoRA, stackable
 
         models = [j.model for j in jobs]
         adapters = list(dict.fromkeys(m for m in models if m != self.name))
-        fresh = [a for a in adapters if a not in self.resident]
         for adapter in adapters:
             self._load(adapter)  # at most max_resident of them (see _joining): none evicts another
-        mixed = self.peft is not None and all(self._shares_batches(m) for m in models) and (len(set(models)) > 1 or self.setup_key == "mixed")
-        key = "mixed" if mixed else models[0]
-        if key != self.setup_key or (mixed and fresh):  # a new adapter may wrap layers the hooks do not know yet
+        sticky = self.setup_key is not None and self.setup_key[0] == "mixed"
+        mixed = self.peft is not None and all(self._shares_batches(m) for m in models) and (len(set(models)) > 1 or sticky)
+        if mixed:
+            # the adapters a setup covers: all the resident plain LoRA ones (a new one wraps layers the setup may not know)
+            covered = tuple(a for a in self.resident if a in self.mixable)
+            stacked = self.mixed_lora == "stacked" and stackable(self.peft, list(covered))
+            key = ("mixed", "stacked" if stacked else "peft", covered)
+        else:
+            key = ("single", models[0])
+        if key != self.setup_key:
             self._release_setup()
             stack = contextlib.ExitStack()
-            if mixed:
+            if key[:2] == ("mixed", "stacked"):
+                stack.enter_context(self.peft.disable_adapter())
+                self.stacked = stack.enter_context(StackedLoRA(self.peft, list(covered)))
+            elif mixed:
                 self.row_adapters = []
                 stack.enter_context(self.peft._enable_peft_forward_hooks(adapter_names=self.row_adapters))
             else:
-                stack.enter_context(self._model_for(key)[1])
+                stack.enter_context(self._model_for(models[0])[1])
             self.setup, self.setup_key = stack, key
-        if mixed:
+        if key[:2] == ("mixed", "stacked"):
+            self.stacked.set_rows([None if m == self.name else m for m in models])
+        elif mixed:
             self.row_adapters[:] = ["__base__" if m == self.name else m for m in models]
         return contextlib.nullcontext()
 
