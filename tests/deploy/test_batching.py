@@ -67,3 +67,20 @@ def test_an_end_of_sequence_token_ends_a_row_and_is_not_sent(model):
         while batch.rows:
             batch.step()
     assert row.tokens == reference[: reference.index(reference[2])] and row.finish == "stop"
+
+
+def test_an_ended_row_stays_in_the_block_until_the_next_join_or_until_half_have_ended(model):
+    from tunelab.deploy.batching import RunningBatch
+
+    rows = [Row([20 + k, 30 + k, 40 + k], limit) for k, limit in enumerate((2, 8, 8, 8))]
+    batch = RunningBatch(model, eos_ids=[], pad_id=0, temperature=0.0, top_p=1.0)
+    with torch.no_grad():
+        batch.join(rows)
+        batch.step(), batch.step()
+        assert rows[0].finish == "length" and len(batch.block) == 4 and batch.rows == rows[1:]  # still in the cache
+        late = Row([7, 8, 9, 10, 11], 3)
+        batch.join([late])
+        assert batch.block == rows[1:] + [late] and batch.cache.layers[0].keys.shape[0] == 4  # replaced at the join
+        while batch.rows:
+            batch.step()
+    assert late.tokens == alone(model, late.prompt, 3) and all(r.tokens == alone(model, r.prompt, r.max_tokens) for r in rows)

@@ -4,14 +4,17 @@ the whole batch has finished, and a request that ends frees its row at once.
 
 The rows share one left-padded key/value cache (``ReservedLayer`` buffers). Joining requests run
 their prompts' forward pass together, and their keys and values are copied into the block,
-right-aligned with the rows already there; rows that end are dropped, and the columns no row
-needs any more go with them. Each row keeps its own positions, and its keys carry their rotary
+right-aligned with the rows already there. A row that ends stays in the block, computing tokens
+nobody receives, until the next join regroups the block (or until ended rows are half of it):
+regrouping copies the whole cache, and one more row costs a decoding step little (it reads the
+same weights), so a row that ends is most often replaced by the next request at one regrouping.
+The columns no row needs any more go at each regrouping. Each row keeps its own positions, and its keys carry their rotary
 embedding, so moving a row's keys within the block changes nothing it computes: a row decodes
 the tokens it would decode alone (the tests compare).
 
     batch = RunningBatch(model, eos_ids=[2], pad_id=0, temperature=0.0, top_p=1.0)
     batch.join(jobs)                 # after the prompts' forward pass, each row has its next-token logits
-    while batch.rows:
+    while batch.rows:                # the rows still decoding
         ended = batch.step()         # one token for every row, sent to its job; the ended rows leave
 """
 
@@ -40,8 +43,13 @@ class RunningBatch:
         self.pad_id, self.temperature, self.top_p = pad_id, temperature, top_p
         self.context = context or (lambda jobs: contextlib.nullcontext())
         self.device = next(model.parameters()).device
-        self.rows: list = []  # the jobs, one per row
+        self.block: list = []  # the jobs, one per row of the cache, ended ones included until the next regrouping
         self.cache = self.mask = self.positions = self.logits = None
+
+    @property
+    def rows(self) -> list:
+        """The jobs still decoding."""
+        return [job for job in self.block if job.finish is None]
 
     def settings(self) -> tuple:
         return (self.temperature, self.top_p)
@@ -59,21 +67,20 @@ class RunningBatch:
         cache = reserved_cache(self.config, width)
         with self.context(jobs):
             logits = self.decoder(ids, mask, positions, cache)
-        self._regroup(list(range(len(self.rows))), (jobs, cache, mask, positions[:, -1] + 1, logits))
+        self._regroup([r for r, job in enumerate(self.block) if job.finish is None], (jobs, cache, mask, positions[:, -1] + 1, logits))
 
     def step(self) -> list:
         """One token for every row: chosen from its logits, sent to its job; the rows that end
-        (end of sequence or their ``max_tokens``) leave; the others run one forward pass. Returns
-        the jobs that ended."""
+        (end of sequence or their ``max_tokens``) leave (from the cache once they are half of it);
+        the block runs one forward pass. Returns the jobs that ended."""
         if self.temperature == 0:
             tokens = self.logits.argmax(dim=-1)
         else:
             tokens = draw(torch.softmax(filter_logits(self.logits.float() / self.temperature, 0, self.top_p), dim=-1))
         ended, keep = [], []
         ends = set(self.ends.tolist())
-        for r, (job, token) in enumerate(zip(self.rows, tokens.tolist())):
-            if job.finish is not None:  # ended by its server (cancelled): leaves without a token
-                ended.append(job)
+        for r, (job, token) in enumerate(zip(self.block, tokens.tolist())):
+            if job.finish is not None:  # ended before (or cancelled by its server): no token
                 continue
             if token in ends:
                 job.finish = "stop"
@@ -87,26 +94,28 @@ class RunningBatch:
             else:
                 job.send(("done", job.finish))
                 ended.append(job)
-        if ended:
+        if not keep:
+            self.fail()
+        elif 2 * len(keep) <= len(self.block):
             tokens = tokens[keep]
             self._regroup(keep)
-        if self.rows:
-            self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
-            with self.context(self.rows):
+        if self.block:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.block), 1)], dim=1)
+            with self.context(self.block):
                 self.logits = self.decoder(tokens[:, None], self.mask, self.positions[:, None], self.cache)
             self.positions = self.positions + 1
         return ended
 
     def fail(self) -> list:
-        """Drop every row (after an error); returns their jobs."""
-        jobs, self.rows = self.rows, []
+        """Drop every row (after an error, or when none is decoding); returns the jobs still decoding."""
+        jobs, self.block = self.rows, []
         self.cache = self.mask = self.positions = self.logits = None
         return jobs
 
     def _regroup(self, keep: list[int], joining: tuple | None = None) -> None:
         """Keep the rows ``keep`` and add ``joining`` = (jobs, their cache, mask, next positions,
         logits): a new block, as short as the rows need, with room for every row's last token."""
-        rows = [self.rows[r] for r in keep] + (joining[0] if joining else [])
+        rows = [self.block[r] for r in keep] + (joining[0] if joining else [])
         if not rows:
             self.fail()
             return
@@ -133,4 +142,4 @@ class RunningBatch:
             for k, layer in enumerate(self.cache.layers):
                 layer.regroup(index, start, joining[1].layers[k] if joining else None, length, length + room)
         self.mask = torch.cat([torch.nn.functional.pad(m, (length - m.shape[1], 0)) for m in masks])
-        self.positions, self.logits, self.rows = torch.cat(positions), torch.cat(logits), rows
+        self.positions, self.logits, self.block = torch.cat(positions), torch.cat(logits), rows

@@ -58,12 +58,15 @@ class Job:
     tokens: list[int] = field(default_factory=list)
     finish: str | None = None
     cancelled: bool = False  # nobody waits for it any more (timed out, or the client went away)
+    stream: bool = True  # False: its tokens are not sent one by one (the answer comes whole), only the end
     queued: float = field(default_factory=time.perf_counter)
 
     def settings(self) -> tuple:
         return (self.temperature, self.top_p)
 
     def send(self, event: tuple) -> None:
+        if event[0] == "token" and not self.stream:  # every wake-up of the event loop costs the decoding thread the GIL
+            return
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the request's event loop is gone (the server is stopping): nobody waits for it
@@ -396,8 +399,10 @@ class ModelServer:
         if mixed:
             # the adapters a setup covers: all the resident plain LoRA ones (a new one wraps layers the setup may not know)
             covered = tuple(a for a in self.resident if a in self.mixable)
-            stacked = self.mixed_lora == "stacked" and stackable(self.peft, list(covered))
-            key = ("mixed", "stacked" if stacked else "peft", covered)
+            if sticky and self.setup_key[2] == covered:
+                key = self.setup_key  # (stackable() reads every module: not at every forward pass)
+            else:
+                key = ("mixed", "stacked" if self.mixed_lora == "stacked" and stackable(self.peft, list(covered)) else "peft", covered)
         else:
             key = ("single", models[0])
         if key != self.setup_key:
@@ -440,7 +445,7 @@ class ModelServer:
                 with self.lock:
                     if joining and (running is None or not running.rows):
                         running = RunningBatch(self.base, eos, pad, joining[0].temperature, joining[0].top_p, self._rows_context)
-                    self.in_use = {j.model for j in running.rows + joining}
+                    self.in_use = {j.model for j in running.block + joining}  # ended rows still in the block too
                     began = time.perf_counter()
                     if joining:
                         running.join(joining)
@@ -451,7 +456,7 @@ class ModelServer:
                     rows = running.rows
                     tokens = sum(len(j.tokens) for j in rows)
                     running.step()
-                    self.in_use = {j.model for j in running.rows}
+                    self.in_use = {j.model for j in running.block}
             except Exception as err:  # noqa: BLE001 - a failed step answers its requests and the server goes on
                 if not isinstance(err, ServeError):
                     err = ServeError(500, f"generation failed: {type(err).__name__}: {err}", "server_error")
@@ -534,9 +539,9 @@ def create_app(server: ModelServer, api_key: str | None = None):
             raise ServeError(400, "n must be 1 on this server", code="invalid_value")
         return max_tokens, float(temperature), float(top_p)
 
-    async def run(model: str, prompt: list[int], max_tokens: int, temperature: float, top_p: float) -> Job:
+    async def run(model: str, prompt: list[int], max_tokens: int, temperature: float, top_p: float, stream: bool = False) -> Job:
         loop = asyncio.get_running_loop()
-        job = Job(model, prompt, max_tokens, temperature, top_p, loop, asyncio.Queue())
+        job = Job(model, prompt, max_tokens, temperature, top_p, loop, asyncio.Queue(), stream=stream)
         if max_tokens == 0:
             job.finish = "length"
             job.send(("done", "length"))
@@ -600,7 +605,7 @@ def create_app(server: ModelServer, api_key: str | None = None):
             raise ServeError(400, "messages must be a non-empty list of {role, content}", code="invalid_value")
         max_tokens, temperature, top_p = settings(body)
         text = render(server.tokenizer, [{"role": m["role"], "content": str(m["content"])} for m in messages], add_generation_prompt=True)
-        job = await run(call.model, server.tokenizer(text, add_special_tokens=False)["input_ids"], max_tokens, temperature, top_p)
+        job = await run(call.model, server.tokenizer(text, add_special_tokens=False)["input_ids"], max_tokens, temperature, top_p, bool(body.get("stream")))
         created = int(time.time())
         if body.get("stream"):
             return StreamingResponse(stream_chat(job, call, created, bool((body.get("stream_options") or {}).get("include_usage"))),

@@ -104,13 +104,16 @@ if DynamicLayer is not None:
                 parts.append((joining.keys, joining.values))
             rows = sum(k.shape[0] for k, _ in parts)
             reference = parts[0][0]
-            self.key_buffer = reference.new_zeros(rows, reference.shape[1], capacity, reference.shape[-1])
-            self.value_buffer = torch.zeros_like(self.key_buffer)
+            self.key_buffer = reference.new_empty(rows, reference.shape[1], capacity, reference.shape[-1])
+            self.value_buffer = torch.empty_like(self.key_buffer)
             row = 0
             for keys, values in parts:
-                self.key_buffer[row : row + keys.shape[0], :, length - keys.shape[-2] : length] = keys
-                self.value_buffer[row : row + keys.shape[0], :, length - keys.shape[-2] : length] = values
-                row += keys.shape[0]
+                end, pad = row + keys.shape[0], length - keys.shape[-2]
+                self.key_buffer[row:end, :, pad:length] = keys
+                self.value_buffer[row:end, :, pad:length] = values
+                self.key_buffer[row:end, :, :pad] = 0  # (masked, but never garbage: no NaN can reach a softmax)
+                self.value_buffer[row:end, :, :pad] = 0
+                row = end
             self.capacity, self.length, self.device, self.is_initialized = capacity, length, reference.device, True
             self.keys, self.values = self.key_buffer[:, :, :length], self.value_buffer[:, :, :length]
 
