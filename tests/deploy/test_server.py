@@ -196,6 +196,29 @@ def test_adapters_peft_cannot_mix_dora_batch_only_with_requests_for_themselves(t
         assert [(j.model, j.temperature) for j in server._joining([])] == [("tiny", 0.0)]
 
 
+def test_a_request_that_fails_to_join_fails_alone(served, monkeypatch):
+    client, server = served["client"], served["server"]
+    expected = client.chat.completions.create(model="a1", messages=MESSAGES, max_tokens=48, temperature=0).choices[0].message.content
+    load = server._load
+
+    def broken(name):
+        if name == "a2":
+            raise RuntimeError("a2's weights are gone")
+        return load(name)
+
+    long = client.chat.completions.create(model="a1", messages=MESSAGES, max_tokens=48, temperature=0, stream=True)
+    pieces = iter(long)
+    text = ""
+    while not text:  # the long answer is decoding
+        text = next(pieces).choices[0].delta.content or ""
+    monkeypatch.setattr(server, "_load", broken)
+    with pytest.raises(openai.InternalServerError, match="a2's weights are gone"):
+        client.chat.completions.create(model="a2", messages=MESSAGES, max_tokens=4, temperature=0)
+    monkeypatch.setattr(server, "_load", load)
+    text += "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
+    assert text == expected  # the row that was decoding went on undisturbed
+
+
 def test_hot_loading_and_unloading_an_adapter(served):
     client, port = served["client"], served["port"]
     status, loaded = call(port, "POST", "/v1/adapters", {"name": "a3", "path": str(served["third"])})

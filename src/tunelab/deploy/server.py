@@ -428,6 +428,14 @@ class ModelServer:
             self.setup.close()
         self.setup = self.setup_key = None
 
+    @staticmethod
+    def _fail(jobs: list[Job], err: Exception) -> None:
+        if not isinstance(err, ServeError):
+            err = ServeError(500, f"generation failed: {type(err).__name__}: {err}", "server_error")
+        for job in jobs:
+            job.finish = "error"
+            job.send(("error", err))
+
     def _work(self) -> None:
         from tunelab.deploy.batching import RunningBatch
         from tunelab.evaluation.models import _eos_ids
@@ -448,7 +456,12 @@ class ModelServer:
                     self.in_use = {j.model for j in running.block + joining}  # ended rows still in the block too
                     began = time.perf_counter()
                     if joining:
-                        running.join(joining)
+                        try:
+                            running.join(joining)
+                        except Exception as err:  # noqa: BLE001 - the joining requests fail; the rows decoding go on
+                            self._release_setup()
+                            self._fail(joining, err)
+                            joining = []
                     joined = time.perf_counter()
                     for job in running.rows:
                         if job.cancelled:
@@ -458,13 +471,10 @@ class ModelServer:
                     running.step()
                     self.in_use = {j.model for j in running.block}
             except Exception as err:  # noqa: BLE001 - a failed step answers its requests and the server goes on
-                if not isinstance(err, ServeError):
-                    err = ServeError(500, f"generation failed: {type(err).__name__}: {err}", "server_error")
                 with self.lock:
                     self._release_setup()
                 failed = running.fail() if running else []
-                for j in failed + [j for j in joining if all(j is not f for f in failed)]:
-                    j.send(("error", err))
+                self._fail(failed + [j for j in joining if all(j is not f for f in failed)], err)
                 self.in_use = set()
                 continue
             self.counts["prefill_seconds"] += joined - began
