@@ -75,6 +75,20 @@ class DataConfig:
 
 
 @dataclass
+class MLflowConfig:
+    tracking_uri: Optional[str] = None
+    """Where runs go: null for $MLFLOW_TRACKING_URI, else the SQLite store runs/mlflow.db."""
+    experiment: str = "tunelab"
+    """The MLflow experiment the run is logged under."""
+
+
+@dataclass
+class WandbConfig:
+    project: str = "tunelab"
+    """The Weights & Biases project."""
+
+
+@dataclass
 class RunConfig:
     method: Any = None
     modelpool: Any = None
@@ -103,3 +117,8 @@ class RunConfig:
     quantised base (modelpool.quantization) the threshold is 1 MiB instead, so the weights it
     dequantises in every pass do not fragment the heap (QLoRA's peak memory about halves);
     system leaves malloc as it is."""
+    logger: Any = field(default_factory=lambda: ["tensorboard"])
+    """Where metrics go besides metrics.csv: any of tensorboard, csv, mlflow, wandb
+    (logger=[tensorboard,mlflow])."""
+    mlflow: MLflowConfig = field(default_factory=lambda: MLflowConfig())
+    wandb: WandbConfig = field(default_factory=lambda: WandbConfig())

@@ -205,10 +205,10 @@ def train(cfg: DictConfig) -> RunResult:
     # started by it (or by torchrun) and would find the run it has just begun.
     out = _prepare_output_dir(cfg, resuming_from) if _launching_rank() else Path(cfg.output_dir)
 
-    from lightning.fabric.loggers import TensorBoardLogger
+    from tunelab.engine.tracking import build_loggers, finish, log_config
 
     precision = resolve_precision(cfg.fabric.get("precision", "32-true"), cfg.fabric.get("accelerator", "auto"))
-    loggers = [TensorBoardLogger(root_dir=str(out), name="tensorboard", version="")]
+    loggers = build_loggers(cfg, out)
     fabric = instantiate(cfg.fabric, loggers=loggers, precision=precision)
     if "FSDP" in type(fabric.strategy).__name__ and method.save_ckpt_type != "lightning":
         # Sharded weights must be gathered before save_pretrained; that path is not built yet.
@@ -317,7 +317,13 @@ def train(cfg: DictConfig) -> RunResult:
         out, config_yaml, metrics, cfg.log_every_n_steps, cfg.progress_bar and fabric.is_global_zero, flops_per_token, peak_tflops or 0.0,
         source_val_loaders,
     )  # fmt: skip
-    result = fit(run, state, batches_per_epoch)
+    if fabric.is_global_zero:
+        log_config(loggers, OmegaConf.to_container(cfg, resolve=True))
+    try:
+        result = fit(run, state, batches_per_epoch)
+    except BaseException:
+        finish(loggers, "failed")
+        raise
     if mixture is not None:
         lengths = [len(ids) for ids in train_set["input_ids"]] if "input_ids" in train_set.column_names else None
         consumed = state.batches_in_epoch * method.examples_per_batch(batch_size) * fabric.world_size
@@ -345,6 +351,7 @@ def train(cfg: DictConfig) -> RunResult:
 
             summary["exports"] = result.exports = export_after_training(result.final_checkpoint, out / "export", list(method.export))
             atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    finish(loggers, "success")
     return result
 
 
