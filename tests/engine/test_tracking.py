@@ -34,3 +34,14 @@ def test_an_unknown_tracker_is_refused_before_the_run(tmp_path):
 
     with pytest.raises(UsageError, match="neptune unknown; choose from tensorboard, csv, mlflow, wandb"):
         run(tmp_path / "bad", "method.max_steps=1", "logger=[tensorboard,neptune]")
+
+
+def test_a_tracker_that_is_not_installed_says_how_to_install_it(tmp_path, monkeypatch):
+    import sys
+
+    from tunelab.errors import UsageError
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if it were not installed
+    with pytest.raises(UsageError, match="pip install wandb"):
+        run(tmp_path / "no-wandb", "method.max_steps=1", "logger=[wandb]")
+    assert not (tmp_path / "no-wandb" / "checkpoints").exists()
