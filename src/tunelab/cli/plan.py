@@ -10,14 +10,17 @@ USAGE = """usage: tunelab plan COMMAND ...
 
   approach [--profile FILE] [--examples N --knowledge none|static|changing --task simple|moderate|complex
            --format --citations --latency-ms MS --requests-per-day N --budget low|medium|high]
-           prompting, retrieval, fine-tuning or both, from the use case's factors, with the reasons"""
+           prompting, retrieval, fine-tuning or both, from the use case's factors, with the reasons
+  compute  --model M [--method full|lora|qlora] [--batch 8] [--max-length 512] [--mean-length N] [--steps 1000]
+           [--gpu h100|a100-80g|...] [--precision bf16-mixed|bf16-true|32-true] [--checkpointing] [--lora-r 16]
+           memory (weights, gradients, optimizer state, activations, head) and time, and the GPUs it fits on"""
 
 
 def cmd_plan(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
-    commands = {"approach": _approach}
+    commands = {"approach": _approach, "compute": _compute}
     if argv[0] not in commands:
         raise UsageError(f"tunelab plan {argv[0]}: unknown command; see tunelab plan --help.")
     return commands[argv[0]]([a for a in argv[1:] if a != "--debug"])
@@ -48,6 +51,35 @@ def _approach(argv: list[str]) -> int:
             values[name] = getattr(args, name)
     recommendation = recommend(Profile.from_dict(values, source))
     print(json.dumps(recommendation.as_dict(), indent=2) if args.json else recommendation.render())
+    return 0
+
+
+def _compute(argv: list[str]) -> int:
+    from tunelab.planning.compute import GPUS, MODEL_SHAPES, plan_compute
+
+    parser = _Parser(prog="tunelab plan compute", description="Memory and time of a training run, before any weight is loaded.",
+                     epilog=f"known shapes: {', '.join(MODEL_SHAPES)}; GPUs: {', '.join(GPUS)}. "
+                            "Example: tunelab plan compute --model llama2-7b --method qlora --batch 4 --max-length 2048 --gpu a100-40g")  # fmt: skip
+    parser.add_argument("--model", required=True, help="a shipped model pool (smollm2-135m), a model folder, or a known shape (llama2-7b, ...)")
+    parser.add_argument("--method", default="full", choices=("full", "lora", "qlora"), help="full fine-tuning, LoRA, or LoRA on an NF4 base")
+    parser.add_argument("--batch", type=int, default=8, help="examples per step")
+    parser.add_argument("--max-length", type=int, default=512, help="the longest example, in tokens")
+    parser.add_argument("--mean-length", type=int, help="the mean example (default: half of --max-length)")
+    parser.add_argument("--supervised-share", type=float, default=0.5, help="the share of tokens the loss covers (the answers)")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--gpu", choices=tuple(GPUS), help="plan for this GPU (default: this machine, its matmul speed measured)")
+    parser.add_argument("--precision", default="bf16-mixed", choices=("bf16-mixed", "bf16-true", "32-true"),
+                        help="bf16-mixed: fp32 weights, bf16 compute (tunelab's default); bf16-true: bf16 weights too")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing: keep each layer's input only, recompute the rest")
+    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank (every linear layer of the decoder)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    args = parser.parse_args(argv)
+    for flag in ("batch", "max_length", "steps", "lora_r"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a whole number, 1 or more.")
+    plan = plan_compute(args.model, args.method, args.batch, args.max_length, args.mean_length, args.supervised_share, args.steps, args.gpu,
+                        args.precision, args.checkpointing, args.lora_r)  # fmt: skip
+    print(json.dumps(plan.as_dict(), indent=2) if args.json else plan.render())
     return 0
 
 

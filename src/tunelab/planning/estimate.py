@@ -95,15 +95,22 @@ def _activation_bytes_per_token(config, compute_bytes: int, fused: bool) -> floa
 
 def estimate_run(model, *, precision: str, lengths: list[int], supervised: list[int], batch_size: int, packing: bool,
                  steps: int, accumulate: int, chunked_loss: bool, loss_chunk_size: int, device: torch.device,
-                 fused_kernels: bool = False) -> RunEstimate:  # fmt: skip
+                 fused_kernels: bool = False, matmul_tflops: float | None = None, gradient_checkpointing: bool = False,
+                 weight_bits: float | None = None) -> RunEstimate:  # fmt: skip
     """Estimate one rank's memory and the run's time from the training examples' token counts
-    (``lengths``, ``supervised``) and the batch layout."""
+    (``lengths``, ``supervised``) and the batch layout. ``matmul_tflops``: the device's matmul
+    speed (default: measured here). ``gradient_checkpointing``: each layer keeps only its input,
+    and the forward pass runs twice. ``weight_bits``: the frozen matrices of the body stored in
+    that many bits (QLoRA's NF4), computed in bf16."""
     config = getattr(model, "config", None)
     parameters = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     weight_bytes = 2 if precision in ("bf16-true", "16-true") else 4
-    compute_bytes = 2 if precision.startswith(("bf16", "16")) else 4
+    compute_bytes = 2 if precision.startswith(("bf16", "16")) or weight_bits else 4
     weights = parameters * weight_bytes
+    if weight_bits:  # the frozen matrices of the decoder's layers, quantised; embeddings, head and norms as they are
+        quantised = sum(p.numel() for name, p in model.named_parameters() if not p.requires_grad and p.dim() == 2 and "embed" not in name and "lm_head" not in name)
+        weights = quantised * weight_bits / 8 + (parameters - quantised) * weight_bytes
     gradients = trainable * weight_bytes
     optimizer = 2 * trainable * 4
     n = max(len(lengths), 1)
@@ -115,7 +122,11 @@ def estimate_run(model, *, precision: str, lengths: list[int], supervised: list[
     hidden = getattr(config, "hidden_size", 0)
     vocab = getattr(config, "vocab_size", 0)
     layers = getattr(config, "num_hidden_layers", 0)
-    activations = layers * longest_batch * _activation_bytes_per_token(config, compute_bytes, fused_kernels) if config is not None else 0.0
+    per_layer_token = _activation_bytes_per_token(config, compute_bytes, fused_kernels) if config is not None else 0.0
+    if gradient_checkpointing:  # every layer's input, and one layer's activations while it is recomputed
+        activations = longest_batch * (layers * hidden * compute_bytes + per_layer_token)
+    else:
+        activations = layers * longest_batch * per_layer_token
     # The head: chunked, one chunk of fp32 logits and its gradient; otherwise the full logits of the
     # largest batch in the compute dtype, in fp32 for the loss, and their gradient.
     most_supervised = sum(sorted(supervised, reverse=True)[:batch_size])
@@ -129,7 +140,7 @@ def estimate_run(model, *, precision: str, lengths: list[int], supervised: list[
     # over the padded row); the head on the tokens it covers, 6 per head parameter.
     embedding = vocab * hidden
     body = max(parameters - embedding * (1 if getattr(config, "tie_word_embeddings", False) else 2), 0)
-    per_token = (6 if trainable > 0.5 * parameters else 4) * body
+    per_token = (6 if trainable > 0.5 * parameters else 4) * body + (2 * body if gradient_checkpointing else 0)
     if packing:
         computed, context = mean_batch, mean_length
     else:  # padded to the longest of each batch (taken in order, a fair sample when shuffled)
@@ -140,7 +151,7 @@ def estimate_run(model, *, precision: str, lengths: list[int], supervised: list[
     head_tokens = batch_size * mean_supervised if chunked_loss else computed
     flops_per_step = accumulate * (computed * (per_token + attention) + head_tokens * 6 * embedding)
     dtype = torch.bfloat16 if compute_bytes == 2 else torch.float32
-    tflops = measure_matmul_tflops(device, dtype)
+    tflops = matmul_tflops or measure_matmul_tflops(device, dtype)
     seconds = flops_per_step / (tflops * 1e12 * STEP_EFFICIENCY[kind])
     return RunEstimate(
         parameters, trainable, weights / GiB, gradients / GiB, optimizer / GiB, activations / GiB, head / GiB, peak / GiB,
