@@ -48,3 +48,20 @@ def test_bad_input_is_refused_by_name(capsys):
     assert "invalid choice: 'v100'" in capsys.readouterr().err
     assert main(["plan", "compute", "--model", "llama2-7b", "--method", "qlora", "--gpu", "l4", "--checkpointing", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["fits"]["l4"] is True
+
+
+CALIBRATION = Path(__file__).resolve().parents[2] / "bench" / "calibration.json"
+
+
+@pytest.mark.parametrize("entry", json.loads(CALIBRATION.read_text()) if CALIBRATION.is_file() else [], ids=lambda e: f"{e['run']}-{e['device']}")
+def test_the_plan_is_within_25_percent_of_what_the_benchmark_runs_measured(entry):
+    settings = {k: v for k, v in entry["plan"].items() if k != "model_config"}
+    plan = plan_compute("calibration", **settings, config=entry["plan"]["model_config"])
+    measured = entry["measured"]
+    assert plan.estimate.peak_gib == pytest.approx(measured["peak_gib"], rel=0.25)
+    assert plan.estimate.seconds_per_step == pytest.approx(measured["seconds_per_step"], rel=0.25)
+
+
+def test_calibration_entries_exist_for_full_fine_tuning_and_lora():
+    runs = {e["plan"]["method"] for e in json.loads(CALIBRATION.read_text())}
+    assert {"full", "lora"} <= runs

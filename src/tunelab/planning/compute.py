@@ -110,11 +110,12 @@ def meta_model(config, method: str, lora_r: int):
 def plan_compute(model: str, method: str = "full", batch_size: int = 8, max_length: int = 512, mean_length: int | None = None,
                  supervised_share: float = 0.5, steps: int = 1000, gpu: str | None = None, precision: str = "bf16-mixed",
                  checkpointing: bool = False, lora_r: int = 16, packing: bool = True, matmul_tflops: float | None = None,
-                 config: dict | None = None) -> Plan:  # fmt: skip
+                 config: dict | None = None, longest_batch_tokens: int | None = None) -> Plan:  # fmt: skip
     """Memory and time of a run of ``method`` (full, lora, qlora) on ``model``, on this machine or
     ``gpu``. ``matmul_tflops``: this machine's matmul speed as measured before (default: measure
     it). ``config``: the model's config as a dict (``model_type`` and its fields) instead of
-    looking ``model`` up."""
+    looking ``model`` up. ``longest_batch_tokens``: the real tokens of the largest batch, when
+    known (default: ``batch_size`` examples of ``max_length``, the worst case)."""
     from tunelab.planning.estimate import estimate_run
 
     if method not in ("full", "lora", "qlora"):
@@ -133,7 +134,8 @@ def plan_compute(model: str, method: str = "full", batch_size: int = 8, max_leng
         config = AutoConfig.for_model(options.pop("model_type", "llama"), **options)
     net = meta_model(config or model_config(model), method, lora_r)
     # the examples: one batch of the longest, the rest at the mean length
-    lengths = [max_length] * batch_size + [mean_length] * (50 * batch_size)
+    longest = -(-(longest_batch_tokens or batch_size * max_length) // batch_size)
+    lengths = [longest] * batch_size + [mean_length] * (50 * batch_size)
     supervised = [max(int(n * supervised_share), 1) for n in lengths]
     device = torch.device("cuda" if gpu else "cpu")
     tflops = GPUS[gpu][1] * MATMUL_REACH if gpu else matmul_tflops

@@ -19,8 +19,10 @@ log = logging.getLogger(__name__)
 GiB = 2**30
 # Fraction of the measured matmul speed that whole training steps reached in bench/sft.py
 # (SmolLM2-135M, bf16 autocast, packed rows): small matrices, elementwise work and the optimizer
-# make up the rest.
-STEP_EFFICIENCY = {"cpu": 0.6, "cuda": 0.45}
+# make up the rest. CPU: 0.5 from bench/calibration.json (full fine-tuning and LoRA both measured
+# 0.49-0.50 on 2026-11-27); CUDA: an assumption, not yet calibrated (no GPU run has recorded its
+# estimate next to its measurement).
+STEP_EFFICIENCY = {"cpu": 0.5, "cuda": 0.45}
 RUNTIME_OVERHEAD_GIB = {"cpu": 0.9, "cuda": 0.0}  # Python, torch, tokenizers, datasets in the process
 
 
