@@ -11,6 +11,8 @@ USAGE = """usage: tunelab plan COMMAND ...
   approach [--profile FILE] [--examples N --knowledge none|static|changing --task simple|moderate|complex
            --format --citations --latency-ms MS --requests-per-day N --budget low|medium|high]
            prompting, retrieval, fine-tuning or both, from the use case's factors, with the reasons
+  data     [--goal format|task] [--task simple|moderate|complex] [--base weak|fair|strong] [--data FILE [--format ...] [--modelpool P]]
+           examples needed, with where the rule comes from, and what FILE already holds
   compute  --model M [--method full|lora|qlora] [--batch 8] [--max-length 512] [--mean-length N] [--steps 1000]
            [--gpu h100|a100-80g|...] [--precision bf16-mixed|bf16-true|32-true] [--checkpointing] [--lora-r 16]
            memory (weights, gradients, optimizer state, activations, head) and time, and the GPUs it fits on"""
@@ -20,7 +22,7 @@ def cmd_plan(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
-    commands = {"approach": _approach, "compute": _compute}
+    commands = {"approach": _approach, "data": _data, "compute": _compute}
     if argv[0] not in commands:
         raise UsageError(f"tunelab plan {argv[0]}: unknown command; see tunelab plan --help.")
     return commands[argv[0]]([a for a in argv[1:] if a != "--debug"])
@@ -51,6 +53,28 @@ def _approach(argv: list[str]) -> int:
             values[name] = getattr(args, name)
     recommendation = recommend(Profile.from_dict(values, source))
     print(json.dumps(recommendation.as_dict(), indent=2) if args.json else recommendation.render())
+    return 0
+
+
+def _data(argv: list[str]) -> int:
+    from tunelab.cli.data import _data_config, _format_options, _load_tokenizer, _tokenizer_options
+    from tunelab.planning.data import BASE_FACTOR, RANGES, plan_data
+
+    parser = _Parser(prog="tunelab plan data", description="How many examples a fine-tune needs, and what a data file already holds.",
+                     epilog="Example: tunelab plan data --goal format --task complex --base weak --data train.jsonl --modelpool CausalLMPool/smollm2-135m")  # fmt: skip
+    parser.add_argument("--goal", default="task", choices=tuple(RANGES), help="format: teach a format or style; task: teach the task itself")
+    parser.add_argument("--task", default="moderate", choices=tuple(RANGES["task"]))
+    parser.add_argument("--base", default="fair", choices=tuple(BASE_FACTOR), help="how well the base already does the task")
+    parser.add_argument("--data", help="a training file to measure against the range (tunelab data stats)")
+    _format_options(parser)
+    _tokenizer_options(parser)
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    args = parser.parse_args(argv)
+    if args.data and not Path(args.data).is_file():
+        raise UsageError(f"--data {args.data}: no such file.")
+    cfg = _data_config(args, args.data) if args.data else None
+    plan = plan_data(args.goal, args.task, args.base, args.data, cfg, _load_tokenizer(args) if args.data else None)
+    print(json.dumps(plan.as_dict(), indent=2, default=str) if args.json else plan.render())
     return 0
 
 
