@@ -13,6 +13,8 @@ USAGE = """usage: tunelab plan COMMAND ...
            prompting, retrieval, fine-tuning or both, from the use case's factors, with the reasons
   data     [--goal format|task] [--task simple|moderate|complex] [--base weak|fair|strong] [--data FILE [--format ...] [--modelpool P]]
            examples needed, with where the rule comes from, and what FILE already holds
+  lr       --model M [--method full|lora|qlora|dpo|dpo-lora] [--batch 8] [--probe --data FILE [--probe-steps 30]]
+           a learning rate from the published rates scaled to the model and batch, and optionally a range test
   compute  --model M [--method full|lora|qlora] [--batch 8] [--max-length 512] [--mean-length N] [--steps 1000]
            [--gpu h100|a100-80g|...] [--precision bf16-mixed|bf16-true|32-true] [--checkpointing] [--lora-r 16]
            memory (weights, gradients, optimizer state, activations, head) and time, and the GPUs it fits on"""
@@ -22,7 +24,7 @@ def cmd_plan(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
-    commands = {"approach": _approach, "data": _data, "compute": _compute}
+    commands = {"approach": _approach, "data": _data, "lr": _lr, "compute": _compute}
     if argv[0] not in commands:
         raise UsageError(f"tunelab plan {argv[0]}: unknown command; see tunelab plan --help.")
     return commands[argv[0]]([a for a in argv[1:] if a != "--debug"])
@@ -75,6 +77,39 @@ def _data(argv: list[str]) -> int:
     cfg = _data_config(args, args.data) if args.data else None
     plan = plan_data(args.goal, args.task, args.base, args.data, cfg, _load_tokenizer(args) if args.data else None)
     print(json.dumps(plan.as_dict(), indent=2, default=str) if args.json else plan.render())
+    return 0
+
+
+def _lr(argv: list[str]) -> int:
+    from tunelab.cli.data import _data_config, _format_options
+    from tunelab.planning.compute import meta_model, model_config
+    from tunelab.planning.lr import PUBLISHED, range_test, rule_rate
+
+    parser = _Parser(prog="tunelab plan lr", description="A learning rate: the published rate scaled to the model and batch, and an optional LR range test.",
+                     epilog="Example: tunelab plan lr --model smollm2-135m --method lora --batch 8 --probe --data train.jsonl")  # fmt: skip
+    parser.add_argument("--model", required=True, help="a shipped model pool (smollm2-135m), a model folder, or a known shape (llama2-7b, ...)")
+    parser.add_argument("--method", default="full", choices=tuple(PUBLISHED))
+    parser.add_argument("--batch", type=int, default=8, help="examples (pairs for DPO) per step")
+    parser.add_argument("--probe", action="store_true", help="also run an LR range test on --data (a short training run)")
+    parser.add_argument("--data", help="the training file for --probe")
+    parser.add_argument("--probe-steps", type=int, default=30, help="steps of the range test (default 30)")
+    parser.add_argument("--max-length", type=int, default=512, help="method.max_length of the range test")
+    _format_options(parser)
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    args = parser.parse_args(argv)
+    if args.batch < 1:
+        raise UsageError(f"--batch {args.batch}: give a whole number, 1 or more.")
+    if args.probe and not args.data:
+        raise UsageError("--probe trains a few steps: give the training file with --data.")
+    if args.data and not Path(args.data).is_file():
+        raise UsageError(f"--data {args.data}: no such file.")
+    parameters = sum(p.numel() for p in meta_model(model_config(args.model), "full", 16).parameters())
+    advice = rule_rate(args.method, parameters, args.batch)
+    if args.probe:
+        cfg = _data_config(args, args.data)
+        fields = {k: getattr(cfg, k) for k in ("format", "prompt_field", "completion_field", "messages_field", "text_field")}
+        advice.probe = range_test(args.model, args.method, args.data, args.batch, args.probe_steps, args.max_length, fields)
+    print(json.dumps(advice.as_dict(), indent=2) if args.json else advice.render())
     return 0
 
 

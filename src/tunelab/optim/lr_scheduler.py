@@ -37,3 +37,20 @@ class CosineDecayWithWarmup(LRScheduler):
 
     def get_lr(self) -> list[float]:
         return [self.lr_at(self.last_epoch) * group.get("lr_scale", 1.0) for group in self.optimizer.param_groups]
+
+
+class ExponentialRamp(LRScheduler):
+    """The rate multiplied by the same factor every step, from ``start_lr`` at step 0 to ``end_lr``
+    at step ``T_max`` (an LR range test, ``tunelab plan lr --probe``)."""
+
+    def __init__(self, optimizer: Optimizer, T_max: int, start_lr: float = 1e-7, end_lr: float = 1.0, last_epoch: int = -1):
+        if T_max < 1 or not 0 < start_lr < end_lr:
+            raise ValueError(f"need T_max >= 1 and 0 < start_lr < end_lr, got T_max={T_max}, start_lr={start_lr}, end_lr={end_lr}")
+        self.T_max, self.start_lr, self.end_lr = T_max, start_lr, end_lr
+        super().__init__(optimizer, last_epoch)
+
+    def lr_at(self, step: int) -> float:
+        return self.start_lr * (self.end_lr / self.start_lr) ** (min(step, self.T_max) / self.T_max)
+
+    def get_lr(self) -> list[float]:
+        return [self.lr_at(self.last_epoch) for _ in self.optimizer.param_groups]
