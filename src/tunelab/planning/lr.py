@@ -118,7 +118,7 @@ def range_test(model: str, method: str, data_path: str, batch_size: int, steps: 
         "~method.lr_scheduler", f"+method.lr_scheduler={{_target_:tunelab.optim.lr_scheduler.ExponentialRamp,T_max:{steps - 1},start_lr:{low},end_lr:{high}}}",
         "method.gradient_clip_val=null",
         "taskpool=dummy", f"output_dir={out}", "overwrite=true", "progress_bar=false", "data.shuffle=true",
-        f"method.checkpoint_save_interval=step", f"method.checkpoint_save_frequency={steps + 1}",
+        "method.checkpoint_save_interval=step", f"method.checkpoint_save_frequency={steps + 1}",
         *[f"data.{k}={v}" for k, v in data.items() if v is not None],
     ]  # fmt: skip
     try:
