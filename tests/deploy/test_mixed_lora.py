@@ -89,7 +89,7 @@ def test_the_servers_running_batch_decodes_each_row_as_alone_with_either_mixer(t
     torch.manual_seed(2)
     rows = [Row(m, torch.randint(5, 1000, (n,)).tolist(), k) for m, n, k in (("x", 6, 8), ("tiny", 4, 5), ("y", 9, 7), ("y", 3, 6))]
     with server.lock, torch.no_grad():
-        batch = RunningBatch(server.base, [], 0, 0.0, 1.0, server._rows_context)
+        batch = RunningBatch(server.base, [], 0, 0.0, 1.0, server._prepare_rows)
         batch.join(rows[:2])
         batch.step()
         batch.join(rows[2:])  # a second adapter joins a batch that is decoding

@@ -18,8 +18,6 @@ the tokens it would decode alone (the tests compare).
         ended = batch.step()         # one token for every row, sent to its job; the ended rows leave
 """
 
-import contextlib
-
 import torch
 
 from tunelab.models.sampling import ReservedLayer, _Decoder, draw, filter_logits, reserved_cache
@@ -34,14 +32,14 @@ def supports_running_batches(model) -> bool:
 class RunningBatch:
     """Jobs (``tunelab.deploy.server.Job``) decoded together with one sampling setting.
 
-    ``context(jobs)``: a context manager that sets the model up for these rows (a mixed-adapter
-    batch names each row's adapter), entered around every forward pass."""
+    ``prepare(jobs)``: sets the model up for these rows (a mixed-adapter batch names each row's
+    adapter), called before every forward pass."""
 
-    def __init__(self, model, eos_ids, pad_id: int, temperature: float, top_p: float, context=None):
+    def __init__(self, model, eos_ids, pad_id: int, temperature: float, top_p: float, prepare=None):
         self.decoder, self.config = _Decoder(model), model.config
-        self.ends = torch.tensor(sorted(eos_ids), dtype=torch.long)
+        self.ends = set(eos_ids)
         self.pad_id, self.temperature, self.top_p = pad_id, temperature, top_p
-        self.context = context or (lambda jobs: contextlib.nullcontext())
+        self.prepare = prepare or (lambda jobs: None)
         self.device = next(model.parameters()).device
         self.block: list = []  # the jobs, one per row of the cache, ended ones included until the next regrouping
         self.cache = self.mask = self.positions = self.logits = None
@@ -65,8 +63,8 @@ class RunningBatch:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = reserved_cache(self.config, width)
-        with self.context(jobs):
-            logits = self.decoder(ids, mask, positions, cache)
+        self.prepare(jobs)
+        logits = self.decoder(ids, mask, positions, cache)
         self._regroup([r for r, job in enumerate(self.block) if job.finish is None], (jobs, cache, mask, positions[:, -1] + 1, logits))
 
     def step(self) -> list:
@@ -78,11 +76,10 @@ class RunningBatch:
         else:
             tokens = draw(torch.softmax(filter_logits(self.logits.float() / self.temperature, 0, self.top_p), dim=-1))
         ended, keep = [], []
-        ends = set(self.ends.tolist())
         for r, (job, token) in enumerate(zip(self.block, tokens.tolist())):
             if job.finish is not None:  # ended before (or cancelled by its server): no token
                 continue
-            if token in ends:
+            if token in self.ends:
                 job.finish = "stop"
             else:
                 job.tokens.append(token)
@@ -101,8 +98,8 @@ class RunningBatch:
             self._regroup(keep)
         if self.block:
             self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.block), 1)], dim=1)
-            with self.context(self.block):
-                self.logits = self.decoder(tokens[:, None], self.mask, self.positions[:, None], self.cache)
+            self.prepare(self.block)
+            self.logits = self.decoder(tokens[:, None], self.mask, self.positions[:, None], self.cache)
             self.positions = self.positions + 1
         return ended
 

@@ -120,7 +120,7 @@ class ModelServer:
         self.lock = threading.Lock()  # the model: loading adapters and decoding never overlap
         self.wanting = 0  # threads waiting for the lock: the worker lets them in between steps
         self.in_use: set[str] = set()  # the models of the running batch (never evicted)
-        self.setup = self.setup_key = None  # the worker's model setup for its rows (see _rows_context)
+        self.setup = self.setup_key = None  # the worker's model setup for its rows (see _prepare_rows)
         self.row_adapters: list[str] = []  # each row's adapter, read by peft's mixed-batch hooks
         self.stacked = None  # the StackedLoRA of the mixed setup
         if mixed_lora not in ("stacked", "peft"):
@@ -374,8 +374,8 @@ class ModelServer:
                 break
         return [j for j in joining if not j.cancelled]
 
-    def _rows_context(self, jobs: list[Job]):
-        """The model set up for these rows (the lock held): each row's adapter, or the base.
+    def _prepare_rows(self, jobs: list[Job]) -> None:
+        """Set the model up for these rows (the lock held): each row's adapter, or the base.
 
         Rows for different plain LoRA adapters (and the base) take each its own update: by default
         through ``StackedLoRA`` (the resident adapters' matrices stacked, two products a layer),
@@ -421,7 +421,6 @@ class ModelServer:
             self.stacked.set_rows([None if m == self.name else m for m in models])
         elif mixed:
             self.row_adapters[:] = ["__base__" if m == self.name else m for m in models]
-        return contextlib.nullcontext()
 
     def _release_setup(self) -> None:
         if self.setup is not None:
@@ -452,7 +451,7 @@ class ModelServer:
             try:
                 with self.lock:
                     if joining and (running is None or not running.rows):
-                        running = RunningBatch(self.base, eos, pad, joining[0].temperature, joining[0].top_p, self._rows_context)
+                        running = RunningBatch(self.base, eos, pad, joining[0].temperature, joining[0].top_p, self._prepare_rows)
                     self.in_use = {j.model for j in running.block + joining}  # ended rows still in the block too
                     began = time.perf_counter()
                     if joining:
