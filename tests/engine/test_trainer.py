@@ -80,6 +80,42 @@ def test_interrupted_run_resumes_in_place_exactly(tmp_path, monkeypatch):
     assert steps == sorted(set(steps)) and steps[-1] == 6  # one row per step, no duplicates
 
 
+def test_sigterm_stops_after_the_step_with_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch):
+    # The board's Stop button: SIGTERM mid-step 4 (checkpoints every 100 steps, so none would exist)
+    # finishes step 4, writes its checkpoint and returns; resuming in place ends as the full run.
+    import os
+    import signal
+
+    import tunelab.engine.trainer as trainer
+
+    exact = ("method.max_steps=6", "method.save_optimizer_state=true", "method.checkpoint_save_interval=step",
+             "method.checkpoint_save_frequency=100")  # fmt: skip
+    full = run(tmp_path / "full", *exact)
+    calls = {"n": 0}
+    real_grad_norm = trainer._grad_norm
+
+    def terminate_in_step_4(parameters):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_grad_norm(parameters)
+
+    monkeypatch.setattr(trainer, "_grad_norm", terminate_in_step_4)
+    stopped = run(tmp_path / "stopped", *exact)
+    monkeypatch.setattr(trainer, "_grad_norm", real_grad_norm)
+    assert stopped.stopped and stopped.state.global_step == 4
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is the run's only
+    assert (tmp_path / "stopped/checkpoints/latest").read_text().strip() == "step-000004"
+    summary = json.loads((tmp_path / "stopped/summary.json").read_text())
+    assert summary["stopped"] is True and summary["global_step"] == 4
+    marker = json.loads((tmp_path / "stopped/run.json").read_text())
+    assert marker["total_steps"] == 6 and marker["estimate"]["seconds_per_step"] > 0
+    resumed = run(tmp_path / "stopped", *exact, f"method.ckpt_path={tmp_path / 'stopped/checkpoints'}")
+    assert not resumed.stopped and resumed.state.global_step == 6
+    assert json.loads((tmp_path / "stopped/run.json").read_text())["started"] == marker["started"]
+    assert_same_weights(weights(full.final_checkpoint), weights(resumed.final_checkpoint))
+
+
 def test_gradient_accumulation_is_token_weighted(tmp_path):
     sgd = ("method.optimizer._target_=torch.optim.SGD", "method.optimizer.lr=1.0", "method.optimizer.weight_decay=0",
            "method.lr_scheduler=null", "method.max_steps=1", "data.shuffle=false")  # fmt: skip

@@ -157,6 +157,12 @@ def test_bad_models_get_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(TunelabError, match="neither a Hugging Face model folder"):
         load_eval_model(str(tmp_path / "empty"))
+    lightning = tmp_path / "run" / "checkpoints" / "step-000002"  # save_ckpt_type=lightning: only train resumes from it
+    lightning.mkdir(parents=True)
+    (lightning / "state.ckpt").write_bytes(b"")
+    (lightning.parent / "latest").write_text("step-000002\n")
+    with pytest.raises(TunelabError, match="in Lightning's format.*method.save_ckpt_type=hf"):
+        load_eval_model(str(tmp_path / "run"))
     with pytest.raises(TunelabError, match="no OpenAI-compatible server answers"):
         load_eval_model("http://127.0.0.1:9/v1")
 

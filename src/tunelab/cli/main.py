@@ -79,6 +79,11 @@ def cmd_train(argv: list[str]) -> int:
     result = train(cfg)
     if not result.is_global_zero:
         return 0
+    if result.stopped:
+        print(f"\nStopped at step {result.state.global_step} (SIGTERM) after {result.train_seconds:.0f} s of training.\n"
+              f"  checkpoint: {result.final_checkpoint}\n"
+              f"  resume:     tunelab train {' '.join(overrides)} method.ckpt_path={result.output_dir / 'checkpoints'}")
+        return 0
     print(f"\nFinished {result.state.global_step} steps in {result.train_seconds:.0f} s "
           f"({result.tokens_per_s:.0f} tokens/s, {result.supervised_tokens_per_s:.1f} "
           f"{'supervised tokens' if result.loss_unit == 'token' else result.loss_unit + 's'}/s)")

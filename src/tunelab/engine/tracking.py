@@ -88,6 +88,6 @@ def log_config(loggers: list, config: dict) -> None:
 
 
 def finish(loggers: list, status: str) -> None:
-    """Close each logger's run (``success`` or ``failed``): MLflow marks the run finished."""
+    """Close each logger's run (``success``, ``failed``, or ``KILLED`` for a stopped run): MLflow marks the run so."""
     for logger in loggers:
         logger.finalize(status)

@@ -9,6 +9,8 @@ import logging
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from itertools import islice
@@ -51,6 +53,7 @@ class RunResult:
     loss_unit: str = "token"  # what supervised_tokens_per_s counts: supervised tokens, or pairs
     estimate: dict = field(default_factory=dict)  # the memory/time estimate and what was measured
     exports: list = field(default_factory=list)  # method.export: each export's report
+    stopped: bool = False  # SIGTERM stopped the run early; its last checkpoint resumes it
 
 
 @dataclass
@@ -76,6 +79,7 @@ class Run:
     flops_per_token: float | None = None  # for train/mfu (Method.flops_per_token)
     peak_tflops: float = 0.0  # what MFU divides by: run option peak_tflops, or this device's measured matmul speed
     source_val_loaders: dict = field(default_factory=dict)  # data.sources: each source's validation split, by name
+    stop: "StopRequest" = field(default_factory=lambda: StopRequest(world_size=0))  # never requested unless train() installs one
 
 
 def _prepare_output_dir(cfg: DictConfig, resuming_from: Path | None) -> Path:
@@ -309,8 +313,11 @@ def train(cfg: DictConfig) -> RunResult:
     if fabric.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", config_yaml)
-        if resuming_from is None or not (out / "run.json").exists():
-            atomic_write_text(out / "run.json", json.dumps({"started": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        # run.json: when the run began, and what it will take (the board shows progress against it)
+        marker = json.loads((out / "run.json").read_text()) if resuming_from is not None and (out / "run.json").exists() else {}
+        marker = {"started": marker.get("started", time.strftime("%Y-%m-%d %H:%M:%S")), "total_steps": method.total_steps(batches_per_epoch),
+                  "device": fabric.device.type, "estimate": estimate.as_dict() if estimate is not None else None}  # fmt: skip
+        atomic_write_text(out / "run.json", json.dumps(marker))
     metrics = MetricsCSV(out / "metrics.csv", resume_step=state.global_step if resuming_from else None) if fabric.is_global_zero else None
     run = Run(
         fabric, method, model, frozen, optimizer, scheduler, loader, sampler, val_loader, taskpool, tokenizer,
@@ -320,7 +327,8 @@ def train(cfg: DictConfig) -> RunResult:
     if fabric.is_global_zero:
         log_config(loggers, OmegaConf.to_container(cfg, resolve=True))
     try:
-        result = fit(run, state, batches_per_epoch)
+        with StopRequest(fabric.world_size) as run.stop:
+            result = fit(run, state, batches_per_epoch)
     except BaseException:
         finish(loggers, "failed")
         raise
@@ -333,7 +341,14 @@ def train(cfg: DictConfig) -> RunResult:
     result.data_report = report.as_dict()
     result.is_global_zero = fabric.is_global_zero
     result.loss_unit = method.loss_unit
-    if fabric.is_global_zero:
+    if fabric.is_global_zero and result.stopped:  # a partial run: its checkpoint and curve, no outputs or exports
+        result.loss_curve = plot_loss_curve(out / "metrics.csv", out / "loss_curve.png") if result.metrics_csv.exists() else None
+        summary = {"final_checkpoint": str(result.final_checkpoint), "global_step": state.global_step, "epochs": state.epoch,
+                   "stopped": True, "train_seconds": result.train_seconds, "tokens_per_s": result.tokens_per_s,
+                   "supervised_tokens_per_s": result.supervised_tokens_per_s, "loss_unit": method.loss_unit,
+                   "evaluations": {str(k): v for k, v in result.evaluations.items()}, "estimate": result.estimate}  # fmt: skip
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    elif fabric.is_global_zero:
         result.outputs = method.finalize(getattr(model, "module", model), out, tokenizer)
         result.loss_curve = plot_loss_curve(out / "metrics.csv", out / "loss_curve.png") if result.metrics_csv.exists() else None
         summary = {
@@ -351,7 +366,7 @@ def train(cfg: DictConfig) -> RunResult:
 
             summary["exports"] = result.exports = export_after_training(result.final_checkpoint, out / "export", list(method.export))
             atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    finish(loggers, "success")
+    finish(loggers, "KILLED" if result.stopped else "success")  # MLflow's status for a run stopped by hand
     return result
 
 
@@ -460,6 +475,31 @@ class StepNumbers:
         units = values[at : at + len(sums)]
         norms = values[at + len(sums) : at + len(sums) + len(self.grad_norms)]
         return sums, units, norms, values[-4:]
+
+
+class StopRequest:
+    """SIGTERM asks a one-process run to stop after the step it is in: the loop writes a checkpoint
+    and returns, so ``method.ckpt_path=OUTPUT_DIR/checkpoints`` resumes it where it stopped (the
+    board's Stop button sends it). With several processes SIGTERM keeps its default action: the
+    ranks could not agree on the step to stop at without a collective every step."""
+
+    def __init__(self, world_size: int):
+        self.requested = False
+        self._previous = None
+        self._installed = world_size == 1 and threading.current_thread() is threading.main_thread()
+
+    def __enter__(self) -> "StopRequest":
+        if self._installed:
+            self._previous = signal.signal(signal.SIGTERM, self._request)
+        return self
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+        log.warning("Stop requested (SIGTERM): finishing this step, then writing a checkpoint.")
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def fit(run: Run, state: TrainState, batches_per_epoch: int) -> RunResult:
@@ -645,7 +685,12 @@ def fit(run: Run, state: TrainState, batches_per_epoch: int) -> RunResult:
             if method.checkpoint_save_interval == "step" and state.global_step % method.checkpoint_save_frequency == 0:
                 result.final_checkpoint = checkpoint()
                 restart_interval()
+            if run.stop.requested:
+                break
         read_unread()  # an epoch that ran out of batches early
+        if run.stop.requested and state.global_step < total_steps:
+            result.stopped = True
+            break
         if exhausted or step_in_epoch >= steps_per_epoch:
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
             if run.scheduler is not None and method.lr_scheduler_interval == "epoch" and state.epoch % method.lr_scheduler_frequency == 0:
@@ -654,7 +699,8 @@ def fit(run: Run, state: TrainState, batches_per_epoch: int) -> RunResult:
                 result.final_checkpoint = checkpoint()
             restart_interval()
     bar.close()
-    evaluate()
+    if not result.stopped:
+        evaluate()
     if last_saved_step != state.global_step:
         result.final_checkpoint = checkpoint()
     tokens_seen, units_seen = seen.tolist()

@@ -156,6 +156,12 @@ def load_eval_model(spec: str, adapter: str | None = None, tokenizer: str | None
                 )
             adapter_path = adapter_path or checkpoint
             tokenizer = tokenizer or str(checkpoint)
+        elif (checkpoint / "state.ckpt").is_file():
+            raise TunelabError(
+                f"--model '{spec}' is a tunelab run whose checkpoint {checkpoint} is in Lightning's format (state.ckpt, "
+                "method.save_ckpt_type=lightning), which `tunelab train` resumes from but other tools do not load. Train with "
+                "method.save_ckpt_type=hf (or peft for an adapter) to get a folder that loads everywhere."
+            )
         else:
             raise TunelabError(
                 f"--model '{spec}' is a folder, but neither a Hugging Face model folder (config.json), a tunelab run or "
