@@ -145,6 +145,12 @@ def cmd_serve(argv: list[str]) -> int:
     return run(argv)
 
 
+def cmd_board(argv: list[str]) -> int:
+    from tunelab.cli.board import cmd_board as run
+
+    return run(argv)
+
+
 def cmd_plan(argv: list[str]) -> int:
     from tunelab.cli.plan import cmd_plan as run
 
@@ -152,20 +158,21 @@ def cmd_plan(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "data": cmd_data, "eval": cmd_eval, "export": cmd_export, "registry": cmd_registry, "serve": cmd_serve,
-            "plan": cmd_plan, "demo": cmd_demo}  # fmt: skip
+            "plan": cmd_plan, "board": cmd_board, "demo": cmd_demo}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(
-            "usage: tunelab {train,data,eval,export,registry,serve,plan,demo} ...\n\n  train   fine-tune a model (tunelab train --help)\n"
+            "usage: tunelab {train,data,eval,export,registry,serve,plan,board,demo} ...\n\n  train   fine-tune a model (tunelab train --help)\n"
             "  data    inspect, validate, clean and prepare data files (tunelab data --help)\n"
             "  eval    perplexity, generation metrics, base-vs-tuned reports, human rating, A/B tests (tunelab eval --help)\n"
             "  export  merged transformers folders and GGUF files (models and LoRA adapters), verified (tunelab export --help)\n"
             "  registry  versions of trained models with their lineage; promote and roll back (tunelab registry --help)\n"
             "  serve   a model and its adapters behind an OpenAI-compatible API (tunelab serve --help)\n"
             "  plan    advice before a run: which approach fits the use case (tunelab plan --help)\n"
+            "  board   a local web page: launch runs, watch their curves, chat base vs tuned, compare runs (tunelab board --help)\n"
             "  demo    fine-tune SmolLM2-135M on GSM8K problems shipped with tunelab"
         )
         return 0 if not argv or argv[0] in ("-h", "--help") else 2

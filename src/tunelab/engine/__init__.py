@@ -1,7 +1,7 @@
 from tunelab.engine.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from tunelab.engine.method import DataSplits, LossResult, Method, Models
 from tunelab.engine.options import TrainingOptions
-from tunelab.engine.trainer import RunResult, fit, train
+from tunelab.engine.trainer import RunResult, check_run, fit, train
 
 __all__ = [
     "DataSplits",
@@ -11,6 +11,7 @@ __all__ = [
     "RunResult",
     "TrainState",
     "TrainingOptions",
+    "check_run",
     "fit",
     "load_checkpoint",
     "save_checkpoint",

@@ -189,8 +189,10 @@ def _check_data_files(data_cfg: DataConfig) -> None:
         raise training_refusal(errors, data_cfg)
 
 
-def train(cfg: DictConfig) -> RunResult:
-    """Run a training job described by a composed config."""
+def check_run(cfg: DictConfig) -> tuple[Method, DataConfig]:
+    """Every check a run makes before it loads a model: the config's keys, types and ranges, the
+    method's own option checks, and the data files (``data.validate``). ``tunelab train`` and the
+    board's launch form call this one function, so both refuse the same input with the same words."""
     validate_config(cfg)
     data_cfg = DataConfig(**OmegaConf.to_container(cfg.data, resolve=True))
     method = instantiate(cfg.method)
@@ -203,6 +205,12 @@ def train(cfg: DictConfig) -> RunResult:
     except TunelabError as err:  # a method's own checks judge option values: a config error (exit 2)
         raise UsageError(str(err)) from None
     _check_data_files(data_cfg)  # before any model or tokenizer loads: a broken line costs a second, not a model load
+    return method, data_cfg
+
+
+def train(cfg: DictConfig) -> RunResult:
+    """Run a training job described by a composed config."""
+    method, data_cfg = check_run(cfg)
     method.run_dir = Path(cfg.output_dir)  # for files a method writes itself (GRPO's samples)
     resuming_from = resolve_checkpoint(method.ckpt_path) if method.ckpt_path else None
     # Only the launching process (rank 0) judges and cleans the output folder: the other ranks are
