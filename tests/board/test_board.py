@@ -126,3 +126,27 @@ def test_a_port_in_use_is_refused_with_what_to_do(capsys):
         assert main(["board", "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert f"Port {port} on 127.0.0.1 is already in use" in err and "pass --port N" in err
+
+
+def test_chat_serves_an_adapter_run_from_one_server_and_reuses_it(tmp_path):
+    from tunelab.board.chat import ChatServers
+    from tunelab.config import compose_config
+    from tunelab.engine import train
+
+    folder = tmp_path / "lora"
+    train(compose_config(["method=lm_finetune/peftfinetune_sft", "modelpool=CausalLMPool/tiny-llama", "data=gsm8k-demo", "data.max_samples=16",
+                          "method.max_steps=2", "method.save_ckpt_type=peft", "method.optimizer.lr=1e-2", f"output_dir={folder}", "progress_bar=false"]))  # fmt: skip
+    chat = ChatServers(startup_seconds=120)
+    try:
+        first = chat.ask(folder, "What is 2+3?", max_tokens=4)
+        pair = chat.pairs["lora"]
+        assert len(pair.servers) == 1 and pair.checkpoint.name == "step-000002"  # the base and the adapter in one process
+        assert first["base"]["tokens"] == first["tuned"]["tokens"] == 4 and first["base_model"] == "tiny-llama"
+        assert "random weights" in first["base_note"]
+        second = chat.ask(folder, "And 3+4?", max_tokens=2)
+        assert chat.pairs["lora"] is pair and second["tuned"]["tokens"] == 2  # no restart for the same checkpoint
+        with pytest.raises(UsageError, match="Write a prompt"):
+            chat.ask(folder, "  ")
+    finally:
+        chat.close()
+    assert pair.servers[0].process.poll() is not None

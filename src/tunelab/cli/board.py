@@ -20,8 +20,11 @@ def cmd_board(argv: list[str]) -> int:
     args = parser.parse_args([a for a in argv if a != "--debug"])
     import os
 
-    import uvicorn
-
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise UsageError("tunelab board needs FastAPI and uvicorn: pip install 'tunelab[board]'.") from None
     from tunelab.board import ChatServers, RunBook, create_app
 
     check_port(args.host, args.port)

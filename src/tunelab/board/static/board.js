@@ -233,10 +233,11 @@ async function sendChat() {
     if (!ok) { chatError.textContent = Object.values(data.errors || {}).join("\n"); $("#chat-state").textContent = ""; return; }
     for (const side of ["base", "tuned"]) {
       const answer = data[side];
-      $(`#chat-${side}`).textContent = answer.error ? `error: ${answer.error}` : answer.text;
+      const blank = !answer.error && answer.text.trim() === "";
+      $(`#chat-${side}`).textContent = answer.error ? `error: ${answer.error}` : blank ? `(only white space: ${JSON.stringify(answer.text)})` : answer.text;
       $(`#chat-${side}-meta`).textContent = answer.error ? "" : `${answer.tokens} tokens, ${answer.seconds.toFixed(1)} s, ${answer.finish_reason}`;
     }
-    $("#chat-state").textContent = `trained model: ${data.checkpoint}`;
+    $("#chat-state").textContent = `base: ${data.base_model}; trained: ${data.checkpoint}${data.base_note ? ". Note: " + data.base_note : ""}`;
   } finally {
     $("#chat-send").disabled = false;
   }
@@ -273,7 +274,7 @@ async function compare() {
   select.value = chosen;
   drawCompare();
   const registry = (await api("/api/registry")).data;
-  $("#registry-note").textContent = registry.note || `registry ${registry.url}: ${registry.versions.length} versions`;
+  $("#registry-note").textContent = registry.note || `registry ${registry.url}: ${registry.versions.length} version${registry.versions.length === 1 ? "" : "s"}`;
   $("#registry").replaceChildren(el("tr", {}, ...["version", "stage", "kind", "run", "created", "val/loss"].map((c) => el("th", { text: c }))),
     ...registry.versions.map((v) => el("tr", { "data-ref": `${v.name}@${v.version}` }, el("td", { text: `${v.name}@${v.version}` }), el("td", { text: v.stage }),
       el("td", { text: v.kind }), el("td", { text: v.run || v.path }), el("td", { text: v.created_at }), el("td", { class: "num", text: fmt((v.metrics || {})["val/loss"], 4) }))));
