@@ -26,6 +26,16 @@ natively (CUDA, CPUs with AVX512-BF16 or AMX) and in fp32 elsewhere: on an AVX2-
 matmuls are emulated and run several times slower than fp32, for every trainer alike. Scoring is
 always fp32.
 
+--resume continues an interrupted comparison in --workdir (the settings must be the same): a run
+that finished is kept, and a run cut short goes on from its last checkpoint (written every
+--checkpoint-every steps, the last two kept, optimizer state included, for tunelab and TRL alike).
+A run's speed then spans several processes: each step's seconds are kept as the step ends, and a
+step longer than 5x the median (the machine was paused, or the process was restarted mid-step) is
+counted at the median, and the table says how many were. This is how the 1600-pair comparison runs
+on 2 CPU cores, over several sessions:
+
+    python bench/dpo.py --steps 400 --resume --workdir outputs/bench-dpo-1600 --output bench/RESULTS-dpo-1600.md
+
 The TRL peer is optional: ``pip install -e .[bench]``. A run whose peer is missing is reported as
 skipped, not failed.
 """
@@ -34,6 +44,8 @@ import argparse
 import hashlib
 import json
 import re
+import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -179,6 +191,16 @@ def reference_key(spec: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- workers
+def steady(seconds: list[float]) -> tuple[list[float], int]:
+    """A resumed run's step times with the steps over 5x the median (a pause, a restart mid-step)
+    counted at the median; and how many were."""
+    if len(seconds) < 5:
+        return seconds, 0
+    median = statistics.median(seconds[1:])
+    kept = [seconds[0]] + [s if s <= 5 * median else median for s in seconds[1:]]
+    return kept, sum(1 for s in seconds[1:] if s > 5 * median)
+
+
 def timed_steps(seconds: list[float], spec: dict) -> list[dict]:
     """Step records for sft.throughput: step i trained pairs [i * batch, (i + 1) * batch), in file order.
 
@@ -189,6 +211,25 @@ def timed_steps(seconds: list[float], spec: dict) -> list[dict]:
     size = spec["batch_size"]
     return [{"seconds": s, "tokens": sum(pair_tokens[i * size : (i + 1) * size]), "supervised": size, "examples": size}
             for i, s in enumerate(seconds)]  # fmt: skip
+
+
+def segments(run_dir: Path, memory: float | None = None, wall: float | None = None) -> dict:
+    """The processes a --resume run took: each one's peak memory and wall time, kept in the run's
+    folder (a run started afresh forgets the earlier ones). Returns the peak over all and their sum."""
+    path = run_dir / "segments.json"
+    rows = json.loads(path.read_text()) if path.exists() else []
+    if memory is not None:
+        rows.append({"peak_memory_gib": memory, "wall_s": wall})
+        path.write_text(json.dumps(rows))
+    return {"peak_memory_gib": max(r["peak_memory_gib"] for r in rows), "train_wall_s": sum(r["wall_s"] for r in rows), "processes": len(rows)}
+
+
+def speed(seconds: list[float], spec: dict) -> dict:
+    """throughput over the trained steps; for a --resume run, with paused steps at the median."""
+    replaced = 0
+    if spec.get("checkpoint_every"):
+        seconds, replaced = steady(seconds)
+    return {**throughput(timed_steps(seconds, spec)), "steps_at_median": replaced}
 
 
 def left_cut_prompts(collate, max_prompt_length: int):
@@ -212,16 +253,22 @@ def run_trl(name: str, run: dict, spec: dict) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer_dir"])
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32, attn_implementation="sdpa")
     dataset = Dataset.from_list([trl_example(pair) for pair in load_rows(Path(spec["workdir"]) / "train.jsonl")])
+    run_dir = Path(spec["workdir"]) / "runs" / name
+    clock_file = run_dir / "step_seconds.json"  # --resume: every step's seconds, kept across processes
     seconds: list[float] = []
 
     class StepClock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
+            if spec.get("checkpoint_every") and clock_file.exists():  # resumed: the steps the checkpoint holds
+                seconds.extend(json.loads(clock_file.read_text())[: state.global_step])
             self.last = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             now = time.perf_counter()
             seconds.append(now - self.last)
             self.last = now
+            if spec.get("checkpoint_every"):
+                clock_file.write_text(json.dumps(seconds))
 
     class InOrderDPO(DPOTrainer):
         def _get_train_sampler(self, *args, **kwargs):
@@ -233,7 +280,8 @@ def run_trl(name: str, run: dict, spec: dict) -> dict:
         warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, beta=spec["beta"], loss_type=["sigmoid"],
         # Truncation is left to the collator below; with max_length set here TRL would also drop the
         # pairs whose prompt alone exceeds it, which tunelab and the scoring keep (cut from the left).
-        max_length=None, precompute_ref_log_probs=False, eval_strategy="no", logging_steps=1, save_strategy="no",
+        max_length=None, precompute_ref_log_probs=False, eval_strategy="no", logging_steps=1,
+        save_strategy="steps" if spec.get("checkpoint_every") else "no", save_steps=spec.get("checkpoint_every") or 500, save_total_limit=2,
         report_to=[], bf16=spec["precision"] == "bf16", gradient_checkpointing=False, dataloader_num_workers=0, seed=0,
         use_cpu=spec["device"] == "cpu", disable_tqdm=True,
     )  # fmt: skip
@@ -245,13 +293,18 @@ def run_trl(name: str, run: dict, spec: dict) -> dict:
         peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
     trainer = InOrderDPO(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
                          data_collator=left_cut_prompts(collator, spec["max_prompt_length"]), callbacks=[StepClock()])  # fmt: skip
+    last = None
+    if spec.get("checkpoint_every") and run_dir.is_dir():
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(str(run_dir))
     started = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=last)
     wall = time.perf_counter() - started
     memory = peak_memory_gib(spec["device"])
+    spans = segments(run_dir, memory, wall) if spec.get("checkpoint_every") else {"peak_memory_gib": memory, "train_wall_s": wall}
     # trl-lora: trainer.model is the base model with the trained adapter (a PeftModel), as a saved adapter would load.
-    return {**throughput(timed_steps(seconds, spec)), "peak_memory_gib": memory, **reward_accuracy(trainer.model, spec),
-            "train_wall_s": wall, "steps": len(seconds)}  # fmt: skip
+    return {**speed(seconds, spec), **spans, **reward_accuracy(trainer.model, spec), "steps": len(seconds)}
 
 
 def tunelab_overrides(name: str, run: dict, spec: dict) -> list[str]:
@@ -275,7 +328,19 @@ def tunelab_overrides(name: str, run: dict, spec: dict) -> list[str]:
         f"method.max_prompt_length={spec['max_prompt_length']}", "method.gradient_clip_val=1.0", f"fabric.precision={precision}",
         f"fabric.accelerator={spec['device']}", "gradient_checkpointing=false", "taskpool=dummy", f"output_dir={workdir / 'runs' / name}",
         "overwrite=true", "progress_bar=false", "log_every_n_steps=1", "seed=0",
-    ] + method  # fmt: skip
+    ] + method + resume_overrides(workdir / "runs" / name, spec)  # fmt: skip
+
+
+def resume_overrides(run_dir: Path, spec: dict) -> list[str]:
+    """--resume: a checkpoint every --checkpoint-every steps (the last two kept), and, where the run
+    was cut short, go on from its latest (without overwrite=true, which would clear the folder)."""
+    if not spec.get("checkpoint_every"):
+        return []
+    every = ["method.checkpoint_save_interval=step", f"method.checkpoint_save_frequency={spec['checkpoint_every']}",
+             "method.save_optimizer_state=true", "method.keep_last_checkpoints=2"]  # fmt: skip
+    if (run_dir / "checkpoints" / "latest").is_file():
+        every += [f"method.ckpt_path={run_dir / 'checkpoints'}", "overwrite=false"]
+    return every
 
 
 def run_tunelab(name: str, run: dict, spec: dict) -> dict:
@@ -287,11 +352,19 @@ def run_tunelab(name: str, run: dict, spec: dict) -> dict:
     from tunelab.config import compose_config
     from tunelab.engine import train
 
+    run_dir = Path(spec["workdir"]) / "runs" / name
+    overrides = tunelab_overrides(name, run, spec)
+    if "overwrite=false" in overrides:
+        overrides.remove("overwrite=true")
+        overrides.remove("overwrite=false")
+    elif spec.get("checkpoint_every") and (run_dir / "segments.json").exists():
+        (run_dir / "segments.json").unlink()  # started afresh: earlier processes do not count
     started = time.perf_counter()
-    result = train(compose_config(tunelab_overrides(name, run, spec)))
+    result = train(compose_config(overrides))
     wall = time.perf_counter() - started
     memory = peak_memory_gib(spec["device"])
-    with open(Path(spec["workdir"]) / "runs" / name / "metrics.csv") as f:  # one row a step (log_every_n_steps=1)
+    spans = segments(run_dir, memory, wall) if spec.get("checkpoint_every") else {"peak_memory_gib": memory, "train_wall_s": wall}
+    with open(run_dir / "metrics.csv") as f:  # one row a step (log_every_n_steps=1)
         seconds = [float(r["train/step_seconds"]) for r in csv.DictReader(f) if r.get("train/step_seconds")]
     if run.get("lora"):
         from peft import PeftModel
@@ -300,8 +373,7 @@ def run_tunelab(name: str, run: dict, spec: dict) -> dict:
         model = PeftModel.from_pretrained(base, str(result.final_checkpoint))
     else:
         model = AutoModelForCausalLM.from_pretrained(result.final_checkpoint, dtype=torch.float32)
-    return {**throughput(timed_steps(seconds, spec)), "peak_memory_gib": memory, **reward_accuracy(model, spec),
-            "train_wall_s": wall, "steps": len(seconds), "own_tokens_per_s": result.tokens_per_s}  # fmt: skip
+    return {**speed(seconds, spec), **spans, **reward_accuracy(model, spec), "steps": len(seconds), "own_tokens_per_s": result.tokens_per_s}
 
 
 def run_reference(spec: dict) -> dict:
@@ -407,7 +479,7 @@ def table(results: dict, spec: dict) -> str:
             f"| {name} | {value['tokens_per_s']:.0f} | {pairs_per_s:.2f} | {ratio(pairs_per_s, peer.get('supervised_tokens_per_s'))} | "
             f"{value['peak_memory_gib']:.2f} | {ratio(value['peak_memory_gib'], peer.get('peak_memory_gib'))} | "
             f"{value['accuracy']:.3f} [{value['accuracy_low']:.3f}, {value['accuracy_high']:.3f}] | {value['reward_margin']:+.4f} | "
-            f"{value['examples']} | {about} |"
+            f"{value['examples']} | {about}{'; ' + str(value['steps_at_median']) + ' paused steps at the median' if value.get('steps_at_median') else ''} |"
         )
     lines += ["", (
         f"beta {spec['beta']}, lr {spec['lr']} (LoRA {spec['lora_lr']}, r 16, alpha 32, all 7 projections), {spec['batch_size']} pairs a step, "
@@ -437,6 +509,9 @@ def main() -> None:
     # AVX2-only CPU its matmuls run several times slower than fp32, for every trainer alike.
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="training precision of every run; auto: bf16 where the device computes it natively, else fp32")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted comparison in --workdir: finished runs are kept, the others go on from their checkpoints")
+    parser.add_argument("--checkpoint-every", type=int, default=25, help="--resume: steps between checkpoints")
     add_shared_arguments(parser, "outputs/bench-dpo")
     args = parser.parse_args()
     if args.worker:
@@ -448,11 +523,29 @@ def main() -> None:
         from tunelab.engine.trainer import resolve_precision
 
         args.precision = "bf16" if resolve_precision("auto", args.device) == "bf16-mixed" else "fp32"
-    spec = prepare(args)
     workdir = Path(args.workdir)
+    earlier = json.loads((workdir / "spec.json").read_text()) if args.resume and (workdir / "spec.json").exists() else None
+    spec = prepare(args)
+    spec["checkpoint_every"] = args.checkpoint_every if args.resume else 0
+    finished = workdir / "finished"
+    if earlier is not None and earlier != spec:
+        changed = sorted(k for k in set(earlier) | set(spec) if earlier.get(k) != spec.get(k))
+        raise SystemExit(f"--resume: {workdir} holds a comparison with other settings ({', '.join(changed)}): "
+                         "give the same flags, or another --workdir.")  # fmt: skip
+    if not args.resume:
+        shutil.rmtree(finished, ignore_errors=True)
     (workdir / "spec.json").write_text(json.dumps(spec, indent=2))
     ensure_reference(spec)
-    results = run_in_turn(__file__, names, RUNS, workdir, args.repeat, combine)  # median speeds, highest memory peak
+    done = {name: json.loads((finished / f"{name}.json").read_text()) for name in names if (finished / f"{name}.json").exists()}
+    for name in done:
+        print(f"{name}: finished earlier ({finished / (name + '.json')})")
+    todo = [name for name in names if name not in done]
+    results = run_in_turn(__file__, todo, RUNS, workdir, args.repeat, combine)  # median speeds, highest memory peak
+    finished.mkdir(exist_ok=True)
+    for name, result in results.items():
+        if "error" not in result and "skipped" not in result:
+            (finished / f"{name}.json").write_text(json.dumps(result, indent=2))
+    results = {name: done.get(name) or results[name] for name in names}
     report = table(results, spec)
     print()
     print(report)

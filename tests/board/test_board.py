@@ -150,3 +150,17 @@ def test_chat_serves_an_adapter_run_from_one_server_and_reuses_it(tmp_path):
     finally:
         chat.close()
     assert pair.servers[0].process.poll() is not None
+
+
+def test_resume_is_refused_for_runs_it_cannot_continue(tmp_path):
+    book = RunBook(tmp_path)
+    write_run(tmp_path / "cli", {"seed": 1}, "step,train/loss\n1,2.0\n")
+    with pytest.raises(UsageError, match="not launched from the board.*method.ckpt_path="):
+        book.resume("cli")
+    for name, summary, words in (("done", {"global_step": 2}, "has finished"), ("fresh", None, "no checkpoint to resume from")):
+        write_run(tmp_path / name, {"seed": 1}, "step,train/loss\n1,2.0\n", summary)
+        (tmp_path / name / "board.json").write_text(json.dumps({"overrides": ["method.max_steps=2"], "returncode": 0, "events": []}))
+        with pytest.raises(UsageError, match=words):
+            book.resume(name)
+    with pytest.raises(UsageError, match="is not running"):
+        book.stop("done")

@@ -116,6 +116,16 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_that_resumes_exactly(tmp
     assert_same_weights(weights(full.final_checkpoint), weights(resumed.final_checkpoint))
 
 
+def test_keep_last_checkpoints_deletes_older_step_folders_as_it_goes(tmp_path):
+    result = run(tmp_path / "kept", "method.max_steps=5", "method.checkpoint_save_interval=step", "method.keep_last_checkpoints=2")
+    folders = sorted(p.name for p in (tmp_path / "kept" / "checkpoints").iterdir() if p.is_dir())
+    assert folders == ["step-000004", "step-000005"] and result.final_checkpoint.name == "step-000005"
+    from tunelab.engine.checkpoint import prune_checkpoints
+
+    (tmp_path / "kept" / "checkpoints" / "latest").write_text("step-000004\n")  # the one latest names survives any pruning
+    assert [p.name for p in prune_checkpoints(tmp_path / "kept" / "checkpoints", 1)] == []
+
+
 def test_gradient_accumulation_is_token_weighted(tmp_path):
     sgd = ("method.optimizer._target_=torch.optim.SGD", "method.optimizer.lr=1.0", "method.optimizer.weight_decay=0",
            "method.lr_scheduler=null", "method.max_steps=1", "data.shuffle=false")  # fmt: skip

@@ -119,8 +119,11 @@ class RunBook:
         if not record.get("overrides"):
             raise UsageError(f"'{name}' was not launched from the board, so its overrides are unknown: resume it with "
                              f"tunelab train ... method.ckpt_path={folder / 'checkpoints'}")  # fmt: skip
-        if self.status(name)["status"] in ("running", "stopping"):
+        current = self.status(name)["status"]
+        if current in ("running", "stopping"):
             raise UsageError(f"'{name}' is still running: stop it before resuming.")
+        if current == "finished":
+            raise UsageError(f"'{name}' has finished: there is nothing to resume. Launch a new run to train further.")
         if not (folder / "checkpoints" / "latest").is_file():
             raise UsageError(f"'{name}' has no checkpoint to resume from yet ({folder / 'checkpoints'} holds none).")
         overrides = [o for o in record["overrides"] if not o.startswith("method.ckpt_path=")]

@@ -53,7 +53,7 @@ RANGES: dict[str, tuple] = {
          "num_mini_batches", "ppo_epochs", "r", "reward_model_batch_size", "lr_scheduler_frequency", "log_every_n_steps", "kl_horizon",
          "temperature", "gradient_clip_val", "cliprange", "cliprange_value", "epsilon", "epsilon_high", "lora_alpha", "limit",
          "num_proc", "max_samples", "max_val_samples", "kl_target", "value_lr", "eps", "num_virtual_tokens", "reduction_factor",
-         "bottleneck_size", "per_device_batch_size"),
+         "bottleneck_size", "per_device_batch_size", "keep_last_checkpoints"),
         (_positive, "positive"),
     ),  # fmt: skip
     **dict.fromkeys(("max_epochs", "max_steps", "max_steps_per_epoch"), (_positive_or_unlimited, "positive, or -1 for no limit")),

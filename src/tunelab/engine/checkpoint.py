@@ -98,8 +98,21 @@ def save_checkpoint(
         os.replace(tmp, folder)
         shutil.rmtree(old, ignore_errors=True)
         atomic_write_text(folder.parent / "latest", folder.name + "\n")
+        if options.keep_last_checkpoints:
+            prune_checkpoints(folder.parent, options.keep_last_checkpoints)
     fabric.barrier()
     return folder
+
+
+def prune_checkpoints(checkpoints: Path, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest ``step-*`` folders (by step); never the one ``latest``
+    names. Returns the folders deleted."""
+    latest = (checkpoints / "latest").read_text().strip() if (checkpoints / "latest").is_file() else None
+    steps = sorted((p for p in checkpoints.glob("step-*") if p.is_dir() and p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+    gone = [p for p in steps[:-keep] if p.name != latest]
+    for folder in gone:
+        shutil.rmtree(folder, ignore_errors=True)
+    return gone
 
 
 def resolve_checkpoint(path: str) -> Path:

@@ -32,6 +32,9 @@ class TrainingOptions:
     gradient_clip_algorithm: Literal["norm", "value"] = "norm"
     save_optimizer_state: bool = False
     """Store optimizer state in checkpoints (needed for an exact resume)."""
+    keep_last_checkpoints: Optional[int] = None
+    """Keep only this many newest step checkpoints, deleting older ones as new ones are written
+    (null: keep every one)."""
     save_full_model: bool = True
     """False: checkpoints hold only the trainable parameters."""
     save_ckpt_type: Literal["lightning", "hf"] = "lightning"
