@@ -43,6 +43,7 @@ skipped, not failed.
 import argparse
 import hashlib
 import json
+import os
 import re
 import shutil
 import statistics
@@ -219,9 +220,19 @@ def segments(run_dir: Path, memory: float | None = None, wall: float | None = No
     path = run_dir / "segments.json"
     rows = json.loads(path.read_text()) if path.exists() else []
     if memory is not None:
-        rows.append({"peak_memory_gib": memory, "wall_s": wall})
+        rows.append({"peak_memory_gib": memory, "wall_s": wall, "cpu": cpu_model()})
         path.write_text(json.dumps(rows))
-    return {"peak_memory_gib": max(r["peak_memory_gib"] for r in rows), "train_wall_s": sum(r["wall_s"] for r in rows), "processes": len(rows)}
+    return {"peak_memory_gib": max(r["peak_memory_gib"] for r in rows), "train_wall_s": sum(r["wall_s"] for r in rows),
+            "processes_finished": len(rows), "cpus": sorted({r.get("cpu") or "?" for r in rows})}  # fmt: skip
+
+
+def cpu_model() -> str:
+    """The machine a process ran on (runs resumed in another session may land on another CPU)."""
+    try:
+        line = next(line for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+    except (OSError, StopIteration):
+        return "?"
 
 
 def speed(seconds: list[float], spec: dict) -> dict:
@@ -481,6 +492,9 @@ def table(results: dict, spec: dict) -> str:
             f"{value['accuracy']:.3f} [{value['accuracy_low']:.3f}, {value['accuracy_high']:.3f}] | {value['reward_margin']:+.4f} | "
             f"{value['examples']} | {about}{'; ' + str(value['steps_at_median']) + ' paused steps at the median' if value.get('steps_at_median') else ''} |"
         )
+    cpus = sorted({cpu for value in done.values() for cpu in value.get("cpus", [])})
+    if len(cpus) > 1:
+        lines += ["", f"**The runs ran on different machines ({'; '.join(cpus)}): the speed ratios compare the machines as well as the trainers.**"]
     lines += ["", (
         f"beta {spec['beta']}, lr {spec['lr']} (LoRA {spec['lora_lr']}, r 16, alpha 32, all 7 projections), {spec['batch_size']} pairs a step, "
         f"{spec['steps']} steps, max length {spec['max_length']} (prompt {spec['max_prompt_length']}), "
@@ -540,11 +554,14 @@ def main() -> None:
     for name in done:
         print(f"{name}: finished earlier ({finished / (name + '.json')})")
     todo = [name for name in names if name not in done]
-    results = run_in_turn(__file__, todo, RUNS, workdir, args.repeat, combine)  # median speeds, highest memory peak
     finished.mkdir(exist_ok=True)
-    for name, result in results.items():
-        if "error" not in result and "skipped" not in result:
-            (finished / f"{name}.json").write_text(json.dumps(result, indent=2))
+
+    def keep_finished(results: dict) -> None:  # after every run: a session that ends later keeps it
+        for name, result in results.items():
+            if "error" not in result and "skipped" not in result:
+                (finished / f"{name}.json").write_text(json.dumps(result, indent=2))
+
+    results = run_in_turn(__file__, todo, RUNS, workdir, args.repeat, combine, keep_finished)  # median speeds, highest memory peak
     results = {name: done.get(name) or results[name] for name in names}
     report = table(results, spec)
     print()
