@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from tunelab.config import flatten
 from tunelab.errors import UsageError
 
 BOARD_FILE = "board.json"
@@ -70,16 +71,6 @@ def read_metrics(path: Path) -> dict[str, list[list[float]]]:
     except (OSError, ValueError):  # written atomically, so a half-written file is not expected; a foreign one is skipped
         return series
     return series
-
-
-def flatten(tree, prefix: str = "") -> dict:
-    """A nested config as ``{"method.optimizer.lr": 0.001, ...}``."""
-    if isinstance(tree, dict):
-        out = {}
-        for key, value in tree.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: tree}
 
 
 class RunBook:

@@ -22,6 +22,16 @@ def list_groups() -> dict[str, list[str]]:
     return groups
 
 
+def flatten(tree, prefix: str = "") -> dict:
+    """A nested config (plain dicts) as dotted keys: ``{"method.optimizer.lr": 0.001, ...}``."""
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
 def compose_config(overrides: list[str]) -> DictConfig:
     """Compose ``configs/config.yaml`` with Hydra overrides (``key=value``, ``group=option``)."""
     from hydra import compose, initialize_config_dir

@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tunelab.config import flatten
 from tunelab.errors import TunelabError
 
 SCHEMA_VERSION = 1
@@ -271,7 +272,7 @@ class Registry:
     def diff(self, name: str, first: int, second: int) -> dict:
         """What differs between two versions: config keys, data files, metrics and lineage."""
         a, b = self.get(name, first), self.get(name, second)
-        flat_a, flat_b = _flatten(a.config), _flatten(b.config)
+        flat_a, flat_b = flatten(a.config), flatten(b.config)
         return {
             "config": {k: (flat_a.get(k), flat_b.get(k)) for k in sorted(set(flat_a) | set(flat_b)) if flat_a.get(k) != flat_b.get(k)},
             "data": {k: (a.data.get(k), b.data.get(k)) for k in sorted(set(a.data) | set(b.data)) if a.data.get(k) != b.data.get(k)},
@@ -426,15 +427,6 @@ def _weights_hash(spec: str) -> str | None:
     if spec.startswith("pkg://") or Path(spec).is_file():
         return _file_hash(spec)
     return _folder_hash(Path(spec)) if Path(spec).is_dir() else None
-
-
-def _flatten(tree, prefix: str = "") -> dict:
-    if isinstance(tree, dict):
-        out = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: tree}
 
 
 def _now() -> str:
