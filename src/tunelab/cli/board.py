@@ -15,7 +15,7 @@ def cmd_board(argv: list[str]) -> int:
     parser = _Parser(prog="tunelab board", description="A local web page to launch runs, watch their curves, chat with the result and compare runs.")
     parser.add_argument("--runs-dir", default="runs", help="the folder runs are launched into and read from (default runs)")
     parser.add_argument("--host", default="127.0.0.1", help="the address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=int, default=7860, help="the port (default 7860; one in use is refused with what to do)")
     parser.add_argument("--registry-url", help="list this registry's versions in Compare (default $TUNELAB_REGISTRY_URL; none: no registry)")
     args = parser.parse_args([a for a in argv if a != "--debug"])
     import os
