@@ -1,6 +1,7 @@
 """The engine on a tiny random Llama: exact resume, token-weighted accumulation, checkpoints,
 NaN guard, output-folder safety."""
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -55,23 +56,34 @@ def test_resume_from_a_checkpoint_ends_with_the_same_weights(tmp_path):
     assert_same_weights(weights(full.final_checkpoint), weights(resumed.final_checkpoint))
 
 
-def test_interrupted_run_resumes_in_place_exactly(tmp_path, monkeypatch):
-    full = run(tmp_path / "full", *EXACT)
+@contextlib.contextmanager
+def during_step(step: int, action):
+    """Call ``action`` inside optimizer step ``step`` (after its backward pass) of the runs within."""
     import tunelab.engine.trainer as trainer
 
-    calls = {"n": 0}
-    real_grad_norm = trainer._grad_norm
+    real_grad_norm, calls = trainer._grad_norm, {"n": 0}
 
-    def crash_on_step_5(parameters):
+    def hooked(parameters):
         calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt  # the process dies mid-step
+        if calls["n"] == step:
+            action()
         return real_grad_norm(parameters)
 
-    monkeypatch.setattr(trainer, "_grad_norm", crash_on_step_5)
-    with pytest.raises(KeyboardInterrupt):
+    trainer._grad_norm = hooked
+    try:
+        yield
+    finally:
+        trainer._grad_norm = real_grad_norm
+
+
+def test_interrupted_run_resumes_in_place_exactly(tmp_path):
+    full = run(tmp_path / "full", *EXACT)
+
+    def crash():
+        raise KeyboardInterrupt  # the process dies mid-step
+
+    with during_step(5, crash), pytest.raises(KeyboardInterrupt):
         run(tmp_path / "crashed", *EXACT)
-    monkeypatch.setattr(trainer, "_grad_norm", real_grad_norm)
     latest = (tmp_path / "crashed/checkpoints/latest").read_text().strip()
     assert latest == "step-000004"
     resumed = run(tmp_path / "crashed", *EXACT, f"method.ckpt_path={tmp_path / 'crashed/checkpoints'}")
@@ -80,29 +92,17 @@ def test_interrupted_run_resumes_in_place_exactly(tmp_path, monkeypatch):
     assert steps == sorted(set(steps)) and steps[-1] == 6  # one row per step, no duplicates
 
 
-def test_sigterm_stops_after_the_step_with_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch):
+def test_sigterm_stops_after_the_step_with_a_checkpoint_that_resumes_exactly(tmp_path):
     # The board's Stop button: SIGTERM mid-step 4 (checkpoints every 100 steps, so none would exist)
     # finishes step 4, writes its checkpoint and returns; resuming in place ends as the full run.
     import os
     import signal
 
-    import tunelab.engine.trainer as trainer
-
     exact = ("method.max_steps=6", "method.save_optimizer_state=true", "method.checkpoint_save_interval=step",
              "method.checkpoint_save_frequency=100")  # fmt: skip
     full = run(tmp_path / "full", *exact)
-    calls = {"n": 0}
-    real_grad_norm = trainer._grad_norm
-
-    def terminate_in_step_4(parameters):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_grad_norm(parameters)
-
-    monkeypatch.setattr(trainer, "_grad_norm", terminate_in_step_4)
-    stopped = run(tmp_path / "stopped", *exact)
-    monkeypatch.setattr(trainer, "_grad_norm", real_grad_norm)
+    with during_step(4, lambda: os.kill(os.getpid(), signal.SIGTERM)):
+        stopped = run(tmp_path / "stopped", *exact)
     assert stopped.stopped and stopped.state.global_step == 4
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is the run's only
     assert (tmp_path / "stopped/checkpoints/latest").read_text().strip() == "step-000004"

@@ -61,6 +61,17 @@ def tuned_checkpoint(run_folder: Path) -> tuple[Path, str]:
     )
 
 
+def random_base_note(base: str) -> str | None:
+    """What to say when the base is a shipped pool built from a bare config (random weights)."""
+    if "/" in base or base.endswith(".gguf"):
+        return None
+    from tunelab.evaluation.models import _shipped_pool
+
+    if getattr(_shipped_pool(base), "model_path", None) is not None:
+        return None
+    return f"{base} is built from a config with random weights: the base shown is one random draw, not the weights this run started from."
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -100,6 +111,7 @@ class Server:
 class ChatPair:
     checkpoint: Path
     base_model: str  # what the base server loads (tunelab serve --model)
+    base_note: str | None  # said beside the answers: a random-init base is not the run's start
     base: tuple[Server, str]  # the server, and the model name to ask it for
     tuned: tuple[Server, str]
     servers: list[Server] = field(default_factory=list)
@@ -138,10 +150,10 @@ class ChatServers:
             log = run_folder / "chat-serve.log"
             if kind == "adapter":
                 server = self._serve(base, "base", log, [f"tuned={checkpoint}"])
-                pair = ChatPair(checkpoint, base, (server, "base"), (server, "tuned"), [server])
+                pair = ChatPair(checkpoint, base, random_base_note(base), (server, "base"), (server, "tuned"), [server])
             else:
                 base_server, tuned_server = self._serve(base, "base", log), self._serve(str(checkpoint), "tuned", log)
-                pair = ChatPair(checkpoint, base, (base_server, "base"), (tuned_server, "tuned"), [base_server, tuned_server])
+                pair = ChatPair(checkpoint, base, random_base_note(base), (base_server, "base"), (tuned_server, "tuned"), [base_server, tuned_server])
             try:
                 for server in pair.servers:
                     server.wait_ready(self.startup_seconds)
@@ -175,14 +187,7 @@ class ChatServers:
 
         with ThreadPoolExecutor(2) as pool:
             base, tuned = pool.map(complete, (pair.base, pair.tuned))
-        note = None
-        if "/" not in pair.base_model and not pair.base_model.endswith(".gguf"):  # a shipped pool: maybe one built from a bare config
-            from tunelab.evaluation.models import _shipped_pool
-
-            if getattr(_shipped_pool(pair.base_model), "model_path", None) is None:
-                note = (f"{pair.base_model} is built from a config with random weights: the base shown is one random draw, "
-                        "not the weights this run started from.")  # fmt: skip
-        return {"run": run_folder.name, "checkpoint": str(pair.checkpoint), "base_model": pair.base_model, "base_note": note, "base": base, "tuned": tuned}
+        return {"run": run_folder.name, "checkpoint": str(pair.checkpoint), "base_model": pair.base_model, "base_note": pair.base_note, "base": base, "tuned": tuned}
 
     def close(self) -> None:
         with self.lock:

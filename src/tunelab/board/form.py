@@ -129,8 +129,13 @@ def _with_checkpoint_format(cfg, form: dict, overrides: list[str]):
     """An empty checkpoint format: a folder chat, eval and export load (hf, or peft for an adapter)."""
     if any(o.startswith("method.save_ckpt_type=") for o in overrides) or "save_ckpt_type" not in cfg.method:
         return cfg
-    cfg.method.save_ckpt_type = "peft" if cfg.method.get("peft_config") else "hf"
+    cfg.method.save_ckpt_type = loadable_ckpt_type(cfg)
     return cfg
+
+
+def loadable_ckpt_type(cfg) -> str:
+    """The checkpoint format chat, eval and export load: peft for an adapter run, else hf."""
+    return "peft" if cfg.method.get("peft_config") else "hf"
 
 
 def defaults(groups: dict) -> dict:
@@ -149,5 +154,5 @@ def defaults(groups: dict) -> dict:
         if f.kind in ("text", "number", "choice") and "." in f.key:
             value = OmegaConf.select(cfg, f.key, default=None)
             out[f.key] = "" if value is None else str(value)
-    out["method.save_ckpt_type"] = "peft" if cfg.method.get("peft_config") else "hf"
+    out["method.save_ckpt_type"] = loadable_ckpt_type(cfg)
     return out

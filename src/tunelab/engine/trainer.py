@@ -349,15 +349,9 @@ def train(cfg: DictConfig) -> RunResult:
     result.data_report = report.as_dict()
     result.is_global_zero = fabric.is_global_zero
     result.loss_unit = method.loss_unit
-    if fabric.is_global_zero and result.stopped:  # a partial run: its checkpoint and curve, no outputs or exports
-        result.loss_curve = plot_loss_curve(out / "metrics.csv", out / "loss_curve.png") if result.metrics_csv.exists() else None
-        summary = {"final_checkpoint": str(result.final_checkpoint), "global_step": state.global_step, "epochs": state.epoch,
-                   "stopped": True, "train_seconds": result.train_seconds, "tokens_per_s": result.tokens_per_s,
-                   "supervised_tokens_per_s": result.supervised_tokens_per_s, "loss_unit": method.loss_unit,
-                   "evaluations": {str(k): v for k, v in result.evaluations.items()}, "estimate": result.estimate}  # fmt: skip
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    elif fabric.is_global_zero:
-        result.outputs = method.finalize(getattr(model, "module", model), out, tokenizer)
+    if fabric.is_global_zero:
+        if not result.stopped:  # a stopped run is resumed later, not finalized or exported
+            result.outputs = method.finalize(getattr(model, "module", model), out, tokenizer)
         result.loss_curve = plot_loss_curve(out / "metrics.csv", out / "loss_curve.png") if result.metrics_csv.exists() else None
         summary = {
             "final_checkpoint": str(result.final_checkpoint), "global_step": state.global_step,
@@ -366,10 +360,10 @@ def train(cfg: DictConfig) -> RunResult:
             "data": result.data_report, "evaluations": {str(k): v for k, v in result.evaluations.items()},
             "trainable_parameters": trainable, "total_parameters": total,
             "outputs": {k: str(v) for k, v in result.outputs.items()}, "estimate": result.estimate,
-            "heldout_by_source": heldout_by_source(result.evaluations, mixture),
+            "heldout_by_source": heldout_by_source(result.evaluations, mixture), **({"stopped": True} if result.stopped else {}),
         }  # fmt: skip
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-        if method.export:  # after the summary: an export reads the run's final checkpoint through it
+        if method.export and not result.stopped:  # after the summary: an export reads the run's final checkpoint through it
             from tunelab.deploy.export import export_after_training
 
             summary["exports"] = result.exports = export_after_training(result.final_checkpoint, out / "export", list(method.export))
