@@ -46,7 +46,7 @@ def batch_of(tmp_path, tokenizer, dpo, n=4, **data):
         DataConfig(path=str(pairs_file(tmp_path)), format="preference", cache_dir=str(tmp_path / "cache"), **data),
         tokenizer, dpo.max_length, max_prompt_length=dpo.max_prompt_length,
     )  # fmt: skip
-    return CompletionPairCollator(tokenizer.pad_token_id, dpo.packing)([train_set[i] for i in range(n)]), train_set
+    return CompletionPairCollator(tokenizer.pad_token_id, dpo.packing, dpo.pad_to_multiple_of)([train_set[i] for i in range(n)]), train_set
 
 
 # ----------------------------------------------------------------------------- data
@@ -103,12 +103,14 @@ def hand_log_probs(model, ids, labels) -> float:
     return sum(log_probs[t - 1, labels[t]].item() for t in range(1, len(ids)) if labels[t] != IGNORE_INDEX)
 
 
-@pytest.mark.parametrize(("packing", "chunked"), [(True, True), (False, True), (False, False)])
-def test_summed_log_probs_equal_a_hand_computation(tmp_path, tokenizer, tiny, packing, chunked):
+@pytest.mark.parametrize(("packing", "chunked", "multiple"), [(True, True, 1), (True, True, 128), (False, True, 1), (False, False, 1)])
+def test_summed_log_probs_equal_a_hand_computation(tmp_path, tokenizer, tiny, packing, chunked, multiple):
     from tunelab.models.kernels import use_packed_attention
 
-    dpo = method(packing=packing, chunked_loss=chunked, fused_kernels=False)
+    dpo = method(packing=packing, chunked_loss=chunked, fused_kernels=False, pad_to_multiple_of=multiple)
     batch, train_set = batch_of(tmp_path, tokenizer, dpo)
+    if multiple > 1:  # the row is padded at its end, inside the last sequence, which the padding must not change
+        assert batch["input_ids"].shape[1] % multiple == 0 and batch["pad_tokens"] > 0
     if packing:
         use_packed_attention(tiny)
     with torch.no_grad():
@@ -279,6 +281,7 @@ def test_lora_dpo_keeps_no_second_copy_and_saves_a_peft_folder(tmp_path, tokeniz
         (["method.reference=none"], "compares the policy with a reference"),
         (["method.dataloader_kwargs.batch_size=5"], "batch_size=5 is odd"),
         (["method.save_ckpt_type=peft"], "there is no adapter"),
+        (["method.pad_to_multiple_of=0"], r"method.pad_to_multiple_of=0 must be a whole number of tokens, 1 or more"),
     ],
 )
 def test_bad_options_name_what_to_change(tmp_path, extra, message):

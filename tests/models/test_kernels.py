@@ -43,6 +43,19 @@ def test_pack_collate_restarts_positions_and_masks_each_first_token():
     assert batch["labels"][0, 0] == IGNORE_INDEX and batch["labels"][0, 3] == IGNORE_INDEX
 
 
+def test_pack_collate_pads_the_row_end_inside_the_last_example():
+    from tunelab.data import batch_tokens
+
+    batch = pack_collate(examples((3, 4)), multiple_of=8)
+    assert batch["input_ids"].shape == (1, 8) and batch["pad_tokens"] == 1 and batch_tokens(batch) == 7
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 8] and batch["max_length_q"] == 5
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]  # the pad continues the last example
+    assert batch["labels"][0, 7] == IGNORE_INDEX  # and is never a target
+    assert batch["labels"][0, :7].tolist() == pack_collate(examples((3, 4)))["labels"][0].tolist()
+    exact = pack_collate(examples((3, 5)), multiple_of=8)
+    assert exact["input_ids"].shape == (1, 8) and exact["pad_tokens"] == 0
+
+
 def test_packed_logits_equal_unpacked_logits():
     reference, packed = tiny_pair()
     rows = examples()

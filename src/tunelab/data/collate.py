@@ -58,7 +58,7 @@ class PadCollator:
         return with_supervised_index(pad_collate(examples, self.pad_token_id))
 
 
-def pack_collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+def pack_collate(examples: list[dict], multiple_of: int = 1) -> dict[str, torch.Tensor]:
     """Concatenate the examples into one row without padding (padding-free packing).
 
     Positions restart at 0 for every example, and ``cu_seq_lens_q``/``cu_seq_lens_k`` hold the
@@ -66,16 +66,26 @@ def pack_collate(examples: list[dict]) -> dict[str, torch.Tensor]:
     attention's varlen kernels, or transformers' own mask built from the positions) keeps each
     example to itself. The first token of every example gets label -100: it must not be learned
     as the continuation of the example before it.
+
+    ``multiple_of`` > 1 lengthens the row to a multiple of that many tokens with pad tokens (label
+    -100) after the last example, inside its segment: causal attention keeps them from changing
+    anything before them. The row then takes a few lengths instead of one per batch, and kernels
+    that are built and cached per shape (oneDNN's, under bf16 on a CPU) stay few. ``pad_tokens``
+    says how many were added.
     """
     lengths = [len(e["input_ids"]) for e in examples]
-    input_ids = _flat_long([e["input_ids"] for e in examples], sum(lengths))[None]
-    labels = _flat_long([e["labels"] for e in examples], sum(lengths))[None]
+    pad = -sum(lengths) % multiple_of
+    rows = [e["input_ids"] for e in examples] + [[0] * pad]
+    targets = [e["labels"] for e in examples] + [[IGNORE_INDEX] * pad]
+    lengths[-1] += pad
+    input_ids = _flat_long(rows, sum(lengths))[None]
+    labels = _flat_long(targets, sum(lengths))[None]
     position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
     bounds = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     labels[0, bounds[:-1].long()] = IGNORE_INDEX
     return {
-        "input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-        "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": max(lengths), "max_length_k": max(lengths),
+        "input_ids": input_ids, "labels": labels, "position_ids": position_ids, "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds,
+        "max_length_q": max(lengths), "max_length_k": max(lengths), "pad_tokens": pad,
     }  # fmt: skip
 
 
@@ -83,14 +93,18 @@ def batch_tokens(batch: dict) -> int:
     """Real (non-pad) tokens in a padded or packed batch."""
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
-    return int(batch["input_ids"].numel())
+    return int(batch["input_ids"].numel()) - batch.get("pad_tokens", 0)
 
 
 class PackCollator:
-    """Picklable collate_fn for padding-free packing; adds ``supervised_index``."""
+    """Picklable collate_fn for padding-free packing (rows to a multiple of ``multiple_of``
+    tokens, see ``pack_collate``); adds ``supervised_index``."""
+
+    def __init__(self, multiple_of: int = 1):
+        self.multiple_of = multiple_of
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        return with_supervised_index(pack_collate(examples))
+        return with_supervised_index(pack_collate(examples, self.multiple_of))
 
 
 def pair_collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -115,15 +129,16 @@ REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 class CompletionPairCollator:
     """DPO pairs -> one batch of 2B sequences with completion-only labels: the B chosen sequences,
-    then the B rejected ones, packed into one row (``pack_collate``) or right-padded. Reference
-    log-probabilities computed before training ride along as float tensors."""
+    then the B rejected ones, packed into one row (``pack_collate``, to a multiple of
+    ``multiple_of`` tokens) or right-padded. Reference log-probabilities computed before training
+    ride along as float tensors."""
 
-    def __init__(self, pad_token_id: int, packing: bool):
-        self.pad_token_id, self.packing = pad_token_id, packing
+    def __init__(self, pad_token_id: int, packing: bool, multiple_of: int = 1):
+        self.pad_token_id, self.packing, self.multiple_of = pad_token_id, packing, multiple_of
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         rows = [{"input_ids": e[f"{side}_input_ids"], "labels": e[f"{side}_labels"]} for side in ("chosen", "rejected") for e in examples]
-        batch = pack_collate(rows) if self.packing else pad_collate(rows, self.pad_token_id)
+        batch = pack_collate(rows, self.multiple_of) if self.packing else pad_collate(rows, self.pad_token_id)
         for name in REFERENCE_COLUMNS:
             if name in examples[0]:
                 batch[name] = torch.tensor([e[name] for e in examples], dtype=torch.float32)

@@ -418,7 +418,7 @@ def _clip_gradients(fabric, model, optimizer, method) -> torch.Tensor:
 
 def _tokens(batch: dict) -> torch.Tensor | int:
     """Real (non-pad) tokens in a padded or packed batch, without waiting for the device."""
-    return batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
+    return batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel() - batch.get("pad_tokens", 0)
 
 
 def _on_device(values, device) -> torch.Tensor:

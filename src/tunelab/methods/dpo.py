@@ -242,7 +242,7 @@ class DirectPreferenceOptimization(FullFinetuneSFT):
         return self.prepare_model(model, compile=False)
 
     def collate_fn(self, tokenizer):
-        return CompletionPairCollator(tokenizer.pad_token_id, self.packing)
+        return CompletionPairCollator(tokenizer.pad_token_id, self.packing, self.pad_to_multiple_of)
 
     def examples_per_batch(self, batch_size: int) -> int:
         return max(1, batch_size // 2)

@@ -129,6 +129,11 @@ class FullFinetuneSFT(Method):
     packing: bool = True
     """Padding-free batches: the examples of a batch are concatenated into one row, each attending
     only to itself. The same examples and loss as padded batches, without compute spent on padding."""
+    pad_to_multiple_of: int = 1
+    """With packing: the row is lengthened with pad tokens (no targets, after its last example) to
+    a multiple of this many tokens, so rows take a few lengths rather than one per batch. On a CPU
+    under bf16, oneDNN builds and caches kernels per shape, and memory grows with every new length
+    (DPO on SmolLM2: 7.0 GiB after 100 steps unpadded, 5.8 GiB with 128). 1: no padding."""
     chunked_loss: bool = True
     """Apply the output head only where the next token is supervised, in chunks, so the
     full-vocabulary logits are never materialised (false: the plain reference path)."""
@@ -154,6 +159,8 @@ class FullFinetuneSFT(Method):
 
     def check(self) -> None:
         super().check()
+        if not isinstance(self.pad_to_multiple_of, int) or self.pad_to_multiple_of < 1:
+            raise TunelabError(f"method.pad_to_multiple_of={self.pad_to_multiple_of!r} must be a whole number of tokens, 1 or more (1: no padding).")
         if ewc_options(self.ewc) is not None and type(self).loss is not FullFinetuneSFT.loss:
             raise TunelabError(f"method.ewc works with SFT and pretraining; {type(self).__name__} does not take it yet: set method.ewc=null.")
 
@@ -187,7 +194,7 @@ class FullFinetuneSFT(Method):
         return Models(self.prepare_model(pool.load_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)))
 
     def collate_fn(self, tokenizer):
-        return PackCollator() if self.packing else PadCollator(tokenizer.pad_token_id)
+        return PackCollator(self.pad_to_multiple_of) if self.packing else PadCollator(tokenizer.pad_token_id)
 
     def prepare_model(self, model: torch.nn.Module, compile: bool | None = None, lm_head: bool = True) -> torch.nn.Module:
         """The fast paths this method's options ask for, on a freshly loaded model
