@@ -1,6 +1,6 @@
 from tunelab.data.blocks import group_blocks, iter_documents, tokenize_documents
 from tunelab.data.collate import (
-    REFERENCE_COLUMNS, BlockCollator, CompletionPairCollator, PackCollator, PadCollator, PairCollator, PromptCollator, batch_tokens, pack_collate, pad_collate,
+    REFERENCE_COLUMNS, BlockCollator, CompletionPairCollator, PackCollator, PadCollator, PairCollator, PromptCollator, batch_tokens, pack_collate, pad_collate, real_tokens,
     pair_collate,
 )
 from tunelab.data.constants import IGNORE_INDEX
@@ -33,6 +33,7 @@ __all__ = [
     "iter_documents",
     "load_examples",
     "pack_collate",
+    "real_tokens",
     "pad_collate",
     "pair_collate",
     "read_records",

@@ -89,11 +89,17 @@ def pack_collate(examples: list[dict], multiple_of: int = 1) -> dict[str, torch.
     }  # fmt: skip
 
 
-def batch_tokens(batch: dict) -> int:
-    """Real (non-pad) tokens in a padded or packed batch."""
+def real_tokens(batch: dict) -> torch.Tensor | int:
+    """Real (non-pad) tokens in a padded or packed batch, without waiting for the device (a
+    padded batch's count stays a tensor on it)."""
     if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    return int(batch["input_ids"].numel()) - batch.get("pad_tokens", 0)
+        return batch["attention_mask"].sum()
+    return batch["input_ids"].numel() - batch.get("pad_tokens", 0)
+
+
+def batch_tokens(batch: dict) -> int:
+    """Real (non-pad) tokens in a padded or packed batch, as a number."""
+    return int(real_tokens(batch))
 
 
 class PackCollator:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from tunelab.config import DataConfig, instantiate, replace_placeholder, validate_config
-from tunelab.data import ResumableSampler
+from tunelab.data import ResumableSampler, real_tokens
 from tunelab.data.mixture import realised_mix
 from tunelab.data.validate import check_before_training, describe_warnings, training_refusal
 from tunelab.engine.allocator import DEFAULT_MMAP_THRESHOLD, QUANTIZED_MMAP_THRESHOLD, tune_cpu_allocator
@@ -416,11 +416,6 @@ def _clip_gradients(fabric, model, optimizer, method) -> torch.Tensor:
     return norm
 
 
-def _tokens(batch: dict) -> torch.Tensor | int:
-    """Real (non-pad) tokens in a padded or packed batch, without waiting for the device."""
-    return batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel() - batch.get("pad_tokens", 0)
-
-
 def _on_device(values, device) -> torch.Tensor:
     """Numbers and 0-d tensors -> one float64 vector on the device, without waiting for it: numbers
     and host tensors are written by a fill on the device, never copied from pageable host memory
@@ -642,7 +637,7 @@ def fit(run: Run, state: TrainState, batches_per_epoch: int) -> RunResult:
             for update_index, update in enumerate(method.updates(micro_batches, state.global_step)):
                 # Weight every unit equally across micro-batches and ranks, so k accumulated
                 # micro-batches give the gradient of one batch holding them all.
-                counts = _on_device([sum(_tokens(b) for b in update), sum(method.loss_units(b) for b in update)], fabric.device)
+                counts = _on_device([sum(real_tokens(b) for b in update), sum(method.loss_units(b) for b in update)], fabric.device)
                 counts = fabric.all_reduce(counts, reduce_op="sum")
                 units = counts[1].clamp(min=1)
                 sums: dict[str, torch.Tensor] = {}
