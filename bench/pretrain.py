@@ -7,7 +7,9 @@ documents, no tail lost); the Trainer gets exactly those blocks as rows, in the 
 the same optimizer, learning rate (constant), clipping, batch size and step count, each run in its
 own process. The table reports tokens/s (after the first two steps: tunelab compiles in them),
 peak RSS (GPU: peak allocated memory), MFU and the held-out loss after training, computed by one
-shared fp32 function for every run.
+shared fp32 function for every run. --precision auto (the default) trains every run under bf16
+autocast where the device computes bf16 natively (CUDA, CPUs with AVX512-BF16 or AMX) and in fp32
+elsewhere, the same for both trainers.
 
     python bench/pretrain.py                                  # about 20 min on 2 cores
     python bench/pretrain.py --runs tunelab,hf --steps 4      # quick look
@@ -36,7 +38,7 @@ RUNS = {
     "tunelab": {"kind": "tunelab", "overrides": [], "about": "tunelab defaults (packed rows; on a GPU plain rows of full blocks; chunked loss, fused kernels, compile)"},
     "tunelab-reference": {"kind": "tunelab", "about": "tunelab's plain path (padded rows, full logits, transformers' modules, eager)",
                           "overrides": ["method.packing=false", "method.chunked_loss=false", "method.fused_kernels=false", "method.compile=false"]},
-    "hf": {"kind": "hf", "about": "transformers Trainer (fp32 on CPU, bf16 on GPU), blocks as rows, labels = input ids"},
+    "hf": {"kind": "hf", "about": "transformers Trainer, blocks as rows, labels = input ids"},
 }  # fmt: skip
 WARMUP_STEPS = 2
 
@@ -98,7 +100,7 @@ def run_hf(name: str, spec: dict) -> dict:
     arguments = TrainingArguments(
         output_dir=str(Path(spec["workdir"]) / "runs" / name), per_device_train_batch_size=spec["batch_size"], max_steps=spec["steps"],
         learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta2=0.95, max_grad_norm=1.0,
-        logging_steps=1, save_strategy="no", report_to=[], bf16=spec["device"] == "cuda", dataloader_num_workers=0, seed=0,
+        logging_steps=1, save_strategy="no", report_to=[], bf16=spec["precision"] == "bf16", dataloader_num_workers=0, seed=0,
         use_cpu=spec["device"] == "cpu", disable_tqdm=True,
     )  # fmt: skip
     trainer = InOrder(model=model, args=arguments, train_dataset=dataset, callbacks=[StepTimer()])
@@ -124,6 +126,7 @@ def run_tunelab(name: str, spec: dict) -> dict:
         f"method.dataloader_kwargs.batch_size={spec['batch_size']}", f"method.optimizer.lr={spec['lr']}", "method.optimizer.weight_decay=0.0",
         "method.lr_scheduler=null", "method.gradient_clip_val=1.0", "method.save_ckpt_type=hf", "taskpool=dummy", f"output_dir={out}",
         "overwrite=true", "progress_bar=false", "seed=0", f"fabric.accelerator={spec['device']}",
+        f"fabric.precision={'bf16-mixed' if spec['precision'] == 'bf16' else '32-true'}",
         "method.checkpoint_save_interval=step", f"method.checkpoint_save_frequency={spec['steps'] + 1}",  # the final one only
     ] + RUNS[name]["overrides"]  # fmt: skip
     result = train(compose_config(overrides))
@@ -183,7 +186,7 @@ def prepare(args) -> dict:
     print(f"{len(train)} training blocks of {args.block_size} tokens ({needed} used), {len(heldout)} held out")
     return {
         "workdir": str(workdir), "model_dir": str(workdir / "model"), "tokenizer_dir": str(workdir / "tokenizer"), "steps": args.steps,
-        "batch_size": args.batch_size, "block_size": args.block_size, "lr": args.lr, "device": args.device, "train_blocks": len(train),
+        "batch_size": args.batch_size, "block_size": args.block_size, "lr": args.lr, "device": args.device, "precision": args.precision, "train_blocks": len(train),
         "model_config": args.model_config, "flops_per_token": model_flops_per_token(config, args.block_size), "peak_tflops": args.peak_tflops,
         "parameters": sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters()),
     }  # fmt: skip
@@ -213,7 +216,8 @@ def table(results: dict, spec: dict) -> str:
     base = results.get("base", {}).get("heldout_loss")
     lines += ["", (
         f"{spec['parameters'] / 1e6:.1f}M-parameter Llama ({spec['model_config']}), {spec['steps']} steps of {spec['batch_size']} x "
-        f"{spec['block_size']}-token blocks, lr {spec['lr']} constant; held-out loss before training "
+        f"{spec['block_size']}-token blocks, lr {spec['lr']} constant, {'bf16 autocast' if spec.get('precision') == 'bf16' else 'fp32'}; "
+        f"held-out loss before training "
         f"{base:.4f}." if base is not None else ""
     ) + (f" MFU: {spec['flops_per_token'] / 1e9:.3f} GFLOP per token against {peak:.0f} TFLOP/s (--peak-tflops)." if peak else "")]
     return "\n".join(lines)
@@ -230,6 +234,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=512)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="training precision of both trainers; auto: bf16 where the device computes it natively, else fp32")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak in the run's precision, for the MFU column")
     parser.add_argument("--workdir", default="outputs/bench-pretrain")
     parser.add_argument("--output", default=None, help="also write the table here (markdown)")
@@ -241,6 +247,10 @@ def main() -> None:
     if not Path(args.text).exists():
         raise SystemExit(f"{args.text} not found: give --text FILE (any plain-text corpus)")
     names = run_names(args.runs, RUNS)
+    if args.precision == "auto":
+        from tunelab.engine.trainer import resolve_precision
+
+        args.precision = "bf16" if resolve_precision("auto", args.device) == "bf16-mixed" else "fp32"
     spec = prepare(args)
     Path(args.workdir, "spec.json").write_text(json.dumps(spec, indent=2))
     results: dict[str, dict] = {}
