@@ -54,7 +54,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # bench/ is not a package: share bench/sft.py's helpers by plain import
 
-from sft import LORA_TARGETS, MODEL_CONFIGS, add_shared_arguments, combine, launch, load_rows, peak_memory_gib, run_in_turn, run_names, throughput  # noqa: E402
+from sft import LORA_TARGETS, MODEL_CONFIGS, add_shared_arguments, combine, launch, load_rows, peak_memory_gib, run_in_turn, run_names, throughput, training_precision  # noqa: E402
 
 DEFAULT_DATA = HERE.parent / ".." / "shared" / "data" / "hh-rlhf" / "harmless_pairs.jsonl"
 END_OF_TURN = "<|im_end|>"  # SmolLM2's chat template closes every turn with this token
@@ -533,10 +533,7 @@ def main() -> None:
         return
 
     names = run_names(args.runs, RUNS)
-    if args.precision == "auto":
-        from tunelab.engine.trainer import resolve_precision
-
-        args.precision = "bf16" if resolve_precision("auto", args.device) == "bf16-mixed" else "fp32"
+    args.precision = training_precision(args.precision, args.device)
     workdir = Path(args.workdir)
     earlier = json.loads((workdir / "spec.json").read_text()) if args.resume and (workdir / "spec.json").exists() else None
     spec = prepare(args)

@@ -26,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # bench/ is not a package: share bench/sft.py's helpers by plain import
 
-from sft import launch, peak_memory_gib, ratio, run_names, unfinished_row  # noqa: E402
+from sft import launch, peak_memory_gib, ratio, run_names, training_precision, unfinished_row  # noqa: E402
 
 DEFAULT_TEXT = HERE.parent / ".." / "shared" / "data" / "tinyshakespeare" / "input.txt"
 MODEL_CONFIGS = {
@@ -247,10 +247,7 @@ def main() -> None:
     if not Path(args.text).exists():
         raise SystemExit(f"{args.text} not found: give --text FILE (any plain-text corpus)")
     names = run_names(args.runs, RUNS)
-    if args.precision == "auto":
-        from tunelab.engine.trainer import resolve_precision
-
-        args.precision = "bf16" if resolve_precision("auto", args.device) == "bf16-mixed" else "fp32"
+    args.precision = training_precision(args.precision, args.device)
     spec = prepare(args)
     Path(args.workdir, "spec.json").write_text(json.dumps(spec, indent=2))
     results: dict[str, dict] = {}

@@ -420,6 +420,16 @@ def add_shared_arguments(parser: argparse.ArgumentParser, workdir: str) -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
 
 
+def training_precision(choice: str, device: str) -> str:
+    """``--precision auto|bf16|fp32`` -> bf16 or fp32; auto: bf16 where the device computes it
+    natively (tunelab's own ``fabric.precision=auto`` rule), else fp32."""
+    if choice != "auto":
+        return choice
+    from tunelab.engine.trainer import resolve_precision
+
+    return "bf16" if resolve_precision("auto", device) == "bf16-mixed" else "fp32"
+
+
 def run_names(runs: str, known: dict) -> list[str]:
     """``--runs a,b,c`` -> the names, refusing unknown ones."""
     names = [n.strip() for n in runs.split(",") if n.strip()]
